@@ -1,0 +1,37 @@
+"""twinflow_jax: TwinFlow one-step generation in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="twinflow_jax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax reimplementation of TwinFlow (arXiv 2512.05150): one-step "
+        "generation with self-adversarial flows."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["twinflow_jax", "twinflow_jax.*"]),
+    include_package_data=True,
+    package_data={"twinflow_jax": ["data/assets/*"]},
+    install_requires=[
+        "jax>=0.10.0,<0.11",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.12.0,<0.13",
+        "grain>=0.2.12,<0.3",
+        "ml_collections>=1.0,<2",
+        "tensorflow-datasets>=4.9.8,<5",
+        "clu>=0.0.12,<0.1",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # TensorBoard summaries through clu.metric_writers (imports TensorFlow).
+        "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
+        # Only to read PyTorch `.pt` checkpoints in the converter.
+        "torch": ["torch>=2.1"],
+    },
+)

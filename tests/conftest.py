@@ -1,0 +1,14 @@
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+from absl import flags  # noqa: E402
+
+# Grain worker processes and absl-based code expect parsed flags.
+if not flags.FLAGS.is_parsed():
+  flags.FLAGS.mark_as_parsed()
