@@ -347,13 +347,19 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
   sg = jax.lax.stop_gradient
   cor = cfg.consistency_ratio
   online = sg(params)
+  enhance_on = cfg.estimate_order >= 0 and cfg.enhanced_ratio != 0.0
+  rcgm_on = (cfg.estimate_order >= 1 and cor != 0.0 and (n_e2e + n_any) > 0
+             and n_real > 0)
   if cfg.ema_decay == 0.0:
     teacher = online
-  else:
-    if teacher_params is None:
-      raise ValueError("teacher_params is None but config.ema_decay != 0; pass the EMA "
-                       "teacher (or set ema_decay=0 to use the online network)")
+  elif teacher_params is not None:
     teacher = sg(teacher_params)
+  elif enhance_on or (rcgm_on and cfg.ema_decay != 1.0):
+    raise ValueError("teacher_params is None but config.ema_decay != 0 and the loss needs "
+                     "a teacher; pass the EMA teacher (or set ema_decay=0 to use the "
+                     "online network)")
+  else:
+    teacher = None
 
   def net(p, xt, t, r, c):
     return apply_fn(p, xt, t, r, c).astype(ct)
@@ -393,7 +399,7 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
   # cond and uncond, only on the groups where 0 < t < 1 can hold.
   target = v
   lo, hi = cfg.enhanced_range
-  if cfg.estimate_order >= 0 and cfg.enhanced_ratio != 0.0:
+  if enhance_on:
     start = 0 if lo < 1.0 < hi else n_e2e   # e2e rows have t = 1
     stop = n_real                           # adv rows are never enhanced
     if stop > start:
@@ -409,7 +415,7 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
 
   # 8. RCGM N-th order target on the non-adv rows (the official code skips it when there
   # are no e2e or any rows). Frozen teacher: the official code runs the chain online.
-  if cfg.estimate_order >= 1 and cor != 0.0 and (n_e2e + n_any) > 0 and n_real > 0:
+  if rcgm_on:
     chain_params = online if cfg.ema_decay == 1.0 else teacher
     tr, rr, vr, fr = t[:n_real], r[:n_real], target[:n_real], f[:n_real]
     c_real = _rows(cond, 0, n_real)
