@@ -12,3 +12,12 @@ from absl import flags  # noqa: E402
 # Grain worker processes and absl-based code expect parsed flags.
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """The suite must run without TensorFlow: fail the run if anything imported it."""
+  import sys
+  if "tensorflow" in sys.modules and exitstatus == 0:
+    print("\nERROR: the test suite imported TensorFlow; keep TF imports out of the code "
+          "paths the tests use.")
+    session.exitstatus = 1
