@@ -31,6 +31,8 @@ setup(
         "test": ["pytest>=8"],
         # TensorBoard summaries through clu.metric_writers (imports TensorFlow).
         "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
+        # Decoding PNG/JPEG of TFDS image datasets and image folders without TensorFlow.
+        "images": ["pillow>=10"],
         # Only to read PyTorch `.pt` checkpoints in the converter.
         "torch": ["torch>=2.1"],
     },
