@@ -1,0 +1,170 @@
+"""Building blocks shared by the DiT and the MMDiT.
+
+Each parameter is created with logical axis names (see `sharding.py`);
+compute runs in `dtype` while parameters are stored in `param_dtype`.
+Normalisation statistics are always taken in float32.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from twinflow_jax.models.sharding import constrain
+
+Initializer = jax.nn.initializers.Initializer
+
+
+def xavier_uniform(n_in: int, n_out: int) -> Initializer:
+  """Glorot uniform over a kernel [*in_dims (n_in), *out_dims (n_out)].
+
+  Matches torch's `xavier_uniform_` on the equivalent 2-D matrix.
+  """
+  return jax.nn.initializers.variance_scaling(
+      1.0, 'fan_avg', 'uniform', in_axis=tuple(range(n_in)),
+      out_axis=tuple(range(n_in, n_in + n_out)))
+
+
+normal_002 = jax.nn.initializers.normal(0.02)
+zeros = jax.nn.initializers.zeros
+
+
+class Dense(nnx.Module):
+  """Linear map contracting the trailing `len(in_shape)` axes of its input.
+
+  kernel: [*in_shape, *out_shape] with logical `names`;
+  bias: [*out_shape] with the output names.
+  """
+
+  def __init__(
+      self,
+      in_shape: int | Sequence[int],
+      out_shape: int | Sequence[int],
+      names: Sequence[str | None],
+      *,
+      use_bias: bool = True,
+      kernel_init: Initializer | None = None,
+      bias_init: Initializer = zeros,
+      dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+    out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(
+        out_shape)
+    names = tuple(names)
+    if len(names) != len(in_shape) + len(out_shape):
+      raise ValueError(f'Dense: {names=} must name {in_shape + out_shape}')
+    self.n_in = len(in_shape)
+    self.dtype = dtype
+    init = kernel_init or xavier_uniform(len(in_shape), len(out_shape))
+    self.kernel = nnx.Param(
+        init(rngs.params(), in_shape + out_shape, param_dtype),
+        out_sharding=names)
+    self.bias = nnx.Param(
+        bias_init(rngs.params(), out_shape, param_dtype),
+        out_sharding=names[self.n_in:]) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[..., *in_shape] -> [..., *out_shape]."""
+    y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                      axes=self.n_in)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm over the last axis without affine parameters (float32 stats)."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation: x [B, T, D] * (1 + scale [B, D]) + shift [B, D]."""
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class RMSNorm(nnx.Module):
+  """RMS norm with a learnt scale over the last axis (used for q/k norm)."""
+
+  def __init__(self, dim: int, name: str, *, eps: float = 1e-6,
+               param_dtype: jnp.dtype = jnp.float32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(name,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class FeedForward(nnx.Module):
+  """Transformer MLP: Dense -> GELU(tanh) -> Dense, hidden `mlp_dim`."""
+
+  def __init__(self, dim: int, mlp_dim: int, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = Dense(dim, mlp_dim, ('embed', 'mlp'), **kw)
+    self.fc2 = Dense(mlp_dim, dim, ('mlp', 'embed'), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, T, D] -> [B, T, D]."""
+    h = jax.nn.gelu(self.fc1(x), approximate=True)
+    h = constrain(h, ('activation_batch', 'activation_length',
+                      'activation_mlp'))
+    return constrain(self.fc2(h), ('activation_batch', 'activation_length',
+                                   'activation_embed'))
+
+
+class Modulation(nnx.Module):
+  """adaLN head: SiLU(c) -> Dense(D, n*D) split into n chunks of [B, D].
+
+  Zero-initialised (adaLN-Zero): gates start at 0, so each block starts as
+  the identity map.
+  """
+
+  def __init__(self, dim: int, n: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.n = n
+    self.proj = Dense(dim, n * dim, ('embed', 'modulation'), kernel_init=zeros,
+                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, c: jax.Array) -> list[jax.Array]:
+    """c [B, D] -> n arrays [B, D]."""
+    # Pinning each chunk to the batch sharding also steers XLA's SPMD
+    # partitioner away from a wrong reshard it otherwise picks for
+    # `x + gate * proj(...)` when the batch spans ('data', 'fsdp') and the
+    # width 'fsdp' (seen with jax 0.10.2).
+    return [constrain(m, ('activation_batch', 'activation_embed'))
+            for m in jnp.split(self.proj(jax.nn.silu(c)), self.n, axis=-1)]
+
+
+class QKVProjection(nnx.Module):
+  """Fused q/k/v projection [B, T, D] -> 3 x [B, T, N, H], optional qk-norm."""
+
+  def __init__(self, dim: int, num_heads: int, *, qk_norm: bool, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    head_dim = dim // num_heads
+    # torch fuses qkv as Linear(D, 3D), rows ordered (3, heads, head_dim);
+    # its xavier fan_out is 3D, as here.
+    self.proj = Dense(dim, (3, num_heads, head_dim),
+                      ('embed', 'qkv', 'heads', 'kv'), dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+    if qk_norm:
+      self.q_norm = RMSNorm(head_dim, 'kv', param_dtype=param_dtype)
+      self.k_norm = RMSNorm(head_dim, 'kv', param_dtype=param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    qkv = self.proj(x)
+    names = ('activation_batch', 'activation_length', 'activation_heads',
+             'activation_kv')
+    q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
+
