@@ -137,6 +137,19 @@ def test_two_process_shards_of_records(tmp_path):
   np.testing.assert_array_equal(labels, np.array(ids[0]) % 3)
 
 
+def test_processes_draw_independent_orders_and_augmentations():
+  # The bundled MNIST is sorted by class: with one permutation shared by all processes,
+  # the two processes would read neighbouring records (same class) at every position.
+  c = _config(source="mnist", label_dropout=0.5, num_epochs=1)
+  first = [next(data.create_train_iterator(c, global_batch_size=512, seed=3,
+                                           process_index=i, process_count=2))
+           for i in range(2)]
+  same_label = np.mean(first[0]["label"] == first[1]["label"])
+  assert same_label < 0.5, same_label   # dropped labels (1/2) plus 1/10 chance agreement
+  dropped = [b["label"] == 10 for b in first]
+  assert 0.3 < np.mean(dropped[0] == dropped[1]) < 0.7
+
+
 def test_label_dropout_ratio():
   c = _config(label_dropout=0.25)
   labels = np.concatenate([b["label"] for b in _take(

@@ -124,10 +124,17 @@ class Augment:
     return batch
 
 
-def _seeds(seed: int, shuffle_seed: int | None) -> tuple[int, int]:
-  """Independent 32-bit seeds for the shuffle and the augmentations."""
+def _seeds(seed: int, shuffle_seed: int | None, process_index: int) -> tuple[int, int]:
+  """Independent 32-bit seeds for the shuffle and the augmentations of one process.
+
+  The process index enters the seed: with a shared permutation, process p would read
+  record p + P * perm[s] at the same slot s as every other process, so each global batch
+  would hold P-tuples of neighbouring (often same-class) records with equal flips and
+  label drops.
+  """
   base = seed if shuffle_seed is None else shuffle_seed
-  state = np.random.SeedSequence([int(base) % 2**63, 0x7A1F]).generate_state(2)
+  state = np.random.SeedSequence([int(base) % 2**63, 0x7A1F, int(process_index)]
+                                 ).generate_state(2)
   return int(state[0]), int(state[1])
 
 
@@ -188,7 +195,7 @@ def create_train_iterator(
   if num_batches == 0:
     raise ValueError(f"{c.num_epochs} epoch(s) of {count} examples per process do not "
                      f"fill one batch of {batch_size}")
-  shuffle_seed, augment_seed = _seeds(seed, c.shuffle_seed)
+  shuffle_seed, augment_seed = _seeds(seed, c.shuffle_seed, process_index)
   null_class = spec.num_classes if spec.conditioning == "class" else 0
   ds = (grain.MapDataset.range(num_batches)
         .map(BatchIndices(count, batch_size, shuffle_seed, bool(c.shuffle), offset,
