@@ -7,30 +7,11 @@ whose output is scaled by `(t - r)`, so it contributes nothing when `r == t`.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-def sinusoidal_embedding(t: jax.Array, dim: int, scale: float = 1000.0,
-                         max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal features of a (signed) scalar time.
-
-  Args:
-    t: [B] times; negative values simply give other features.
-    dim: even feature size.
-    scale: multiplies t first (1000 maps [0, 1] onto the usual DDPM timestep range).
-    max_period: lowest frequency.
-
-  Returns:
-    [B, dim] float32 features, cos half then sin half.
-  """
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = (scale * t.astype(jnp.float32))[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+from twinflow_jax.models.embeddings import timestep_embedding
 
 
 class MLP(nnx.Module):
@@ -63,8 +44,9 @@ class MLP(nnx.Module):
     """Average velocity F(x_t, t, r, cond), same shape as x_t ([B, D])."""
     if x_t.ndim != 2 or x_t.shape[-1] != self.data_dim:
       raise ValueError(f"MLP expects x_t of shape [B, {self.data_dim}], got {x_t.shape}")
-    emb = self.t_embed(sinusoidal_embedding(t, self.time_dim))
-    emb = emb + (t - r)[:, None] * self.r_embed(sinusoidal_embedding(r, self.time_dim))
+    # Same sinusoids as the transformers (time scaled by 1000).
+    emb = self.t_embed(timestep_embedding(1000.0 * t, self.time_dim))
+    emb = emb + (t - r)[:, None] * self.r_embed(timestep_embedding(1000.0 * r, self.time_dim))
     if self.class_embed is not None:
       emb = emb + self.class_embed(cond)
     h = self.x_in(x_t) + emb
