@@ -1,0 +1,135 @@
+"""The full experiment config: defaults of every section and their validation.
+
+Config files in `configs/` start from `base_config()` and change what they need; any field
+can be overridden on the command line (`--config.optim.lr=1e-4`). Sections:
+  seed            base seed (model init, step keys, data order).
+  model           `twinflow_jax.models` config ('name' plus overrides).
+  data            `twinflow_jax.data` config (see `twinflow_jax.data.config`).
+  loss            `twinflow_jax.losses.TwinFlowConfig` fields.
+  optim           optimizer (`twinflow_jax.train.optim`).
+  train           loop: steps, batch, logging, checkpoints, samples, EMAs.
+  mesh            device mesh and logical-axis rules (`twinflow_jax.train.mesh`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from twinflow_jax import losses
+from twinflow_jax.train import step as step_lib
+from twinflow_jax.train.state import eval_ema_name
+
+SAMPLE_PRESETS = ("1nfe", "2nfe", "4nfe", "any4", "multi30")
+SAMPLE_FROM = ("ema", "params")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default; config files override from here."""
+  from twinflow_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict({"name": "mlp"})
+  c.data = data_config.default_config()
+  c.loss = ml_collections.ConfigDict(dataclasses.asdict(losses.TwinFlowConfig()))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw",            # 'adamw' | 'radam' (the paper's two)
+      lr=1e-4,
+      schedule="constant",     # 'constant' (official) | 'warmup_cosine' | 'warmup_constant'
+      warmup_steps=0,          # optimizer updates
+      min_lr_ratio=0.0,        # end of the cosine, as a fraction of lr
+      b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,           # global-norm clipping; <= 0 disables
+      accum_steps=1,           # micro-batches per optimizer update (optax.MultiSteps)
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      global_batch_size=64,    # per train step (micro-batch), across all processes
+      num_steps=1000,          # train steps (micro-batches)
+      uncond="null",           # unconditional e: 'null' | 'shuffle' | 'zeros' | 'none'
+      eval_ema_decays=(),      # extra EMAs kept for evaluation only, e.g. (0.9999,)
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      async_checkpointing=True,
+      sample_every=1000,       # 0 disables sample grids (final grids are still written)
+      sample_presets=("1nfe", "2nfe", "4nfe"),
+      num_samples=64,
+      sample_from="ema",       # 'ema' (TwinFlow EMA), 'params' or an eval EMA, e.g. '0.9999'
+      use_tensorboard=True,    # if TensorFlow + tensorboard are installed
+      init_from="",            # pretrained directory (models.convert / save_pretrained)
+      compilation_cache_dir="",  # persistent XLA cache: restarts skip recompiling
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1,                 # in-slice sizes; one -1 fills the rest
+      dcn_data=1, dcn_fsdp=1, dcn_tensor=1,      # across-slice sizes (multi-slice TPU)
+      logical_axis_rules=(),                     # (logical, mesh axes) pairs over defaults
+  ))
+  return c
+
+
+def tf_config(config: Any) -> losses.TwinFlowConfig:
+  """config.loss -> TwinFlowConfig (which validates the values)."""
+  fields = {f.name for f in dataclasses.fields(losses.TwinFlowConfig)}
+  given = dict(config.loss)
+  unknown = sorted(set(given) - fields)
+  if unknown:
+    raise ValueError(f"unknown config.loss fields {unknown}; known: {sorted(fields)}")
+  return losses.TwinFlowConfig(**given)
+
+
+def _require(ok: bool, field: str, want: str, got: Any) -> None:
+  if not ok:
+    raise ValueError(f"config.{field} must be {want}, got {got!r}")
+
+
+def validate(config: Any) -> None:
+  """Checks the train-owned sections; raises ValueError naming the bad field."""
+  known = set(base_config().keys())
+  unknown = sorted(set(config.keys()) - known)
+  if unknown:
+    raise ValueError(f"unknown config sections {unknown}; known: {sorted(known)}")
+  for section in ("train", "optim", "mesh"):
+    allowed = set(base_config()[section].keys())
+    extra = sorted(set(config[section].keys()) - allowed)
+    if extra:
+      raise ValueError(f"unknown config.{section} fields {extra}; known: {sorted(allowed)}")
+  t = config.train
+  _require(isinstance(t.global_batch_size, int) and t.global_batch_size >= 4,
+           "train.global_batch_size", "an int >= 4 (TwinFlow splits it into 4 groups)",
+           t.global_batch_size)
+  for f in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+            "num_samples"):
+    _require(isinstance(t[f], int) and t[f] >= 1, f"train.{f}", "an int >= 1", t[f])
+  _require(isinstance(t.sample_every, int) and t.sample_every >= 0, "train.sample_every",
+           "an int >= 0", t.sample_every)
+  _require(t.uncond in step_lib.UNCOND_MODES, "train.uncond",
+           f"one of {step_lib.UNCOND_MODES}", t.uncond)
+  bad = [p for p in t.sample_presets if p not in SAMPLE_PRESETS]
+  _require(not bad, "train.sample_presets", f"a subset of {SAMPLE_PRESETS}",
+           t.sample_presets)
+  for d in t.eval_ema_decays:
+    _require(0.0 < float(d) < 1.0, "train.eval_ema_decays", "decays in (0, 1)",
+             t.eval_ema_decays)
+  _require(sample_source(config) is not None, "train.sample_from",
+           f"one of {SAMPLE_FROM} or one of train.eval_ema_decays (as a string)",
+           t.sample_from)
+  tf_config(config)
+
+
+def sample_source(config: Any) -> str | None:
+  """Which weights sample grids use: 'ema', 'params' or an eval-EMA key; None if unknown."""
+  sf = str(config.train.sample_from)
+  if sf in SAMPLE_FROM:
+    return sf
+  try:
+    decay = float(sf)
+  except ValueError:
+    return None
+  decays = [float(d) for d in config.train.eval_ema_decays]
+  return eval_ema_name(decay) if decay in decays else None

@@ -1,0 +1,349 @@
+"""The training loop: build (or restore) the sharded state, compile the step, run, save.
+
+`train(config, workdir)` is the whole program behind `python -m twinflow_jax.main`. It
+resumes from the newest readable checkpoint in `workdir` by itself, so the same command
+is simply rerun after a preemption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
+
+from twinflow_jax import data as data_lib
+from twinflow_jax import models
+from twinflow_jax import sampling
+from twinflow_jax.train import checkpoint as ckpt_lib
+from twinflow_jax.train import config as config_lib
+from twinflow_jax.train import images
+from twinflow_jax.train import mesh as mesh_lib
+from twinflow_jax.train import metrics as metrics_lib
+from twinflow_jax.train import optim
+from twinflow_jax.train import preemption
+from twinflow_jax.train import state as state_lib
+from twinflow_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns (mostly for tests and notebooks).
+
+  Attributes:
+    step: the last step done.
+    state: the final TrainState (global arrays).
+    history: the logged metric records of this call (as in metrics.jsonl).
+    stopped: why the loop ended early ('SIGTERM', 'preemption', 'stop_at_step'), or None.
+    resumed_from: the checkpoint step this call resumed from, or None.
+  """
+  step: int
+  state: state_lib.TrainState
+  history: list[dict[str, Any]]
+  stopped: str | None
+  resumed_from: int | None
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from the config before any array is allocated."""
+  mesh: jax.sharding.Mesh
+  rules: tuple[tuple[str, Any], ...]
+  data_spec: Any
+  graphdef: nnx.GraphDef
+  apply_fn: Callable
+  tx: Any
+  schedule: Callable
+  init_fn: Callable
+  abstract_state: state_lib.TrainState
+  shardings: state_lib.TrainState
+  batch_shardings: dict[str, jax.sharding.NamedSharding]
+  batch_struct: dict[str, jax.ShapeDtypeStruct]
+  train_step: Callable
+
+
+def build(config: Any, devices=None) -> Setup:
+  """Validates the config and derives mesh, model, optimizer, shardings and the step."""
+  config_lib.validate(config)
+  tf_config = config_lib.tf_config(config)
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  t = config.train
+  mesh_lib.check_batch_size(t.global_batch_size, mesh)
+  rules = mesh_lib.logical_rules(config.mesh.logical_axis_rules,
+                                 models.DEFAULT_LOGICAL_AXIS_RULES)
+  data_spec = data_lib.get_data_spec(config.data)
+  accum = int(config.optim.accum_steps)
+  tx, schedule = optim.create_optimizer(config.optim, t.num_steps)
+
+  model_config = config.model.to_dict()
+  model_fn = lambda rngs: models.create_model(model_config, rngs=rngs)
+  graphdef, abs_params, p_specs = state_lib.param_specs(model_fn, mesh, rules)
+  mesh_lib.check_shardable(abs_params, p_specs, mesh)
+  decays = tuple(float(d) for d in t.eval_ema_decays)
+  init_fn = functools.partial(state_lib.init_state, model_fn, tx, eval_ema_decays=decays)
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+  shardings = state_lib.state_shardings(abstract_state, p_specs, tx, mesh)
+
+  batch_struct = data_spec.batch_struct(t.global_batch_size)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  batch_shardings = {k: batch_sharding for k in batch_struct}
+  apply_fn = state_lib.make_apply_fn(graphdef)
+  train_step = step_lib.make_train_step(
+      apply_fn, tf_config, tx, schedule, num_classes=data_spec.num_classes,
+      uncond=t.uncond, eval_ema_decays=decays, accum_steps=accum)
+  return Setup(mesh, rules, data_spec, graphdef, apply_fn, tx, schedule, init_fn,
+               abstract_state, shardings, batch_shardings, batch_struct, train_step)
+
+
+def compile_step(setup: Setup):
+  """`jax.jit` with explicit shardings and the state donated, compiled ahead of time."""
+  rep = mesh_lib.replicated(setup.mesh)
+  jitted = jax.jit(setup.train_step,
+                   in_shardings=(setup.shardings, setup.batch_shardings),
+                   out_shardings=(setup.shardings, rep), donate_argnums=0)
+  abstract_state = state_lib.abstract_with_shardings(setup.abstract_state, setup.shardings)
+  abstract_batch = state_lib.abstract_with_shardings(setup.batch_struct,
+                                                     setup.batch_shardings)
+  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
+    return jitted.lower(abstract_state, abstract_batch).compile()
+
+
+def enable_compilation_cache(path: str | None) -> None:
+  """Persistent XLA compilation cache (process-wide): a resumed run reuses executables.
+
+  None turns it off again. JAX decides once per process whether to use the cache, so a
+  change is followed by `reset_cache()` to take effect even after earlier compiles.
+  """
+  if jax.config.jax_compilation_cache_dir == path:
+    return
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5 if path else 1.0)
+  compilation_cache.reset_cache()
+
+
+def init_state(setup: Setup, seed: int) -> state_lib.TrainState:
+  """A fresh state, created directly in its sharded layout."""
+  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
+    return jax.jit(setup.init_fn, out_shardings=setup.shardings)(jax.random.key(seed))
+
+
+def load_pretrained_params(setup: Setup, state: state_lib.TrainState, path: str
+                           ) -> state_lib.TrainState:
+  """Fresh state with parameters, teacher and eval EMAs from a pretrained directory.
+
+  The weights are read straight into the parameters' shardings; the optimizer state
+  (zeros at init) does not depend on the values and is kept.
+  """
+  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
+    model = nnx.merge(setup.graphdef, state.params)
+    models.load_pretrained(model, path)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                   out_shardings=setup.shardings.params)
+    return state.replace(params=params, ema=copy(params),
+                         eval_emas={k: copy(params) for k in state.eval_emas})
+
+
+def make_sampler(setup: Setup, config: Any) -> Callable[[Any, int], dict[str, np.ndarray]]:
+  """`(params, step) -> {preset: samples}` (host numpy), replicated on every process."""
+  t = config.train
+  spec = setup.data_spec
+  n = t.num_samples
+  presets = tuple(t.sample_presets)
+  rep = mesh_lib.replicated(setup.mesh)
+  p_shard = setup.shardings.params
+
+  if spec.conditioning == "class":
+    # Class-conditional grids show the classes in order along each row.
+    ncls = max(spec.num_classes, 1)
+    cond = jnp.arange(n, dtype=jnp.int32) % ncls
+  else:
+    cond = None   # text conditions come from the first batch (see `train`)
+
+  def sample_all(params, key, text_cond):
+    k_noise, k_sample = jax.random.split(key)
+    noise = jax.random.normal(k_noise, (n, *spec.x_shape), jnp.float32)
+    c = cond if text_cond is None else text_cond
+    return {p: sampling.sample(setup.apply_fn, params, noise, c, p, k_sample)
+            for p in presets}
+
+  jitted = jax.jit(sample_all, in_shardings=(p_shard, rep, rep), out_shardings=rep)
+  seed_key = jax.random.key(config.seed + 1)
+
+  def run(params, step, text_cond=None):
+    with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
+      out = jitted(params, jax.random.fold_in(seed_key, step), text_cond)
+    return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+
+  return run
+
+
+def _sample_params(state: state_lib.TrainState, source: str):
+  if source == "ema":
+    return state.ema
+  if source == "params":
+    return state.params
+  return state.eval_emas[source]
+
+
+def write_samples(workdir: str, step: int, samples: dict[str, np.ndarray], writer: Any,
+                  is_main: bool, ncols: int | None = None) -> list[str]:
+  """PNG per preset: workdir/samples/step_<step>_<preset>.png (main process only).
+
+  `ncols` = the number of classes puts one class per column (labels are index mod classes).
+  """
+  if not is_main:
+    return []
+  out_dir = os.path.join(workdir, "samples")
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  paths, grids = [], {}
+  for preset, x in samples.items():
+    img = images.samples_to_image(x, ncols=ncols)
+    path = os.path.join(out_dir, f"step_{step:07d}_{preset}.png")
+    images.write_png(path, img)
+    paths.append(path)
+    grids[f"samples/{preset}"] = (img[None, ..., None] if img.ndim == 2 else img[None])
+  writer.write_images(step, grids)
+  return paths
+
+
+def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = None,
+          stop_at_step: int | None = None, devices=None) -> TrainResult:
+  """Trains (or resumes) the run described by `config` in `workdir`.
+
+  Args:
+    config: the experiment ConfigDict (`twinflow_jax.train.config.base_config` fields).
+    workdir: checkpoints, metrics.jsonl, samples and TensorBoard events go here.
+    stop: an external stop request (the loop installs its own SIGTERM handler if None).
+    stop_at_step: leave the loop after this step without a final checkpoint, as if the
+      process had been killed there (used to test resumption).
+    devices: the devices of the mesh (default: all); e.g. one device to test resharding.
+
+  Returns:
+    A TrainResult.
+  """
+  is_main = jax.process_index() == 0
+  multi_process = jax.process_count() > 1
+  if config.train.compilation_cache_dir:
+    enable_compilation_cache(config.train.compilation_cache_dir)
+  setup = build(config, devices)
+  t = config.train
+  if is_main:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  config_json = ckpt_lib.config_to_json(config)
+
+  data_iter = data_lib.create_train_iterator(
+      config.data, global_batch_size=t.global_batch_size, seed=config.seed)
+  checkpointer = ckpt_lib.Checkpointer(
+      ckpt_lib.checkpoint_dir(workdir), save_every=t.checkpoint_every,
+      keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+  target = state_lib.abstract_with_shardings(setup.abstract_state, setup.shardings)
+  restored = checkpointer.restore_latest(target, data_iter)
+  if restored is None:
+    state, start_step, resumed_from = init_state(setup, config.seed), 0, None
+    if t.init_from:
+      state = load_pretrained_params(setup, state, t.init_from)
+      logging.info("initialised parameters and EMA teacher from %s", t.init_from)
+  else:
+    resumed_from, state = restored
+    start_step = int(jax.device_get(state.step))
+    if start_step != resumed_from:
+      raise RuntimeError(f"checkpoint {resumed_from} holds state of step {start_step}")
+
+  writer = metrics_lib.create_writer(workdir, is_main, t.use_tensorboard)
+  jsonl = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), is_main)
+  if is_main:
+    jsonl.truncate_after(start_step)
+    epath.Path(workdir, "config.json").write_text(
+        json.dumps(config_json, indent=2, sort_keys=True))
+    n_params = state_lib.num_params(setup.abstract_state.params)
+    logging.info("model %s: %.2fM parameters; mesh %s; %d process(es); %s",
+                 config.model.name, n_params / 1e6, dict(setup.mesh.shape),
+                 jax.process_count(),
+                 f"resuming from step {start_step}" if resumed_from is not None
+                 else "starting from scratch")
+    if resumed_from is None:
+      writer.write_hparams({"num_params": n_params, **_flatten(config_json)})
+
+  t0 = time.perf_counter()
+  compiled = compile_step(setup)
+  logging.info("train step compiled in %.1fs", time.perf_counter() - t0)
+  sampler = make_sampler(setup, config)
+  sample_source = config_lib.sample_source(config)
+  spec = setup.data_spec
+  grid_cols = (spec.num_classes if spec.conditioning == "class" and 1 < spec.num_classes <= 32
+               else None)
+
+  # Our own signal handlers only when the caller did not bring a stop request.
+  stop_context = (contextlib.nullcontext(stop) if stop is not None else
+                  preemption.StopRequest(preemption.default_signals(multi_process)))
+  throughput = metrics_lib.Throughput(start_step, t.num_steps, t.global_batch_size)
+  history: list[dict[str, Any]] = []
+  stopped = None
+  text_cond = None
+  step = start_step
+  try:
+    with stop_context as stop:
+      while step < t.num_steps:
+        batch = data_lib.make_global_batch(next(data_iter), setup.mesh)
+        if text_cond is None and setup.data_spec.conditioning == "text":
+          text_cond = {k: batch[k][:t.num_samples] for k in ("txt", "txt_mask", "pooled")}
+        state, step_metrics = compiled(state, batch)
+        step += 1
+
+        if step % t.log_every == 0 or step == t.num_steps:
+          scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          scalars.update(throughput.update(step))
+          history.append({"step": step, **scalars})
+          jsonl.write(step, scalars)
+          writer.write_scalars(step, scalars)
+          if is_main:
+            logging.info(metrics_lib.progress_line(step, t.num_steps, scalars,
+                                                   throughput.eta_seconds(step)))
+        if t.sample_every and step % t.sample_every == 0 and step < t.num_steps:
+          samples = sampler(_sample_params(state, sample_source), step, text_cond)
+          write_samples(workdir, step, samples, writer, is_main, grid_cols)
+
+        if stop_at_step is not None and step >= stop_at_step:
+          stopped = "stop_at_step"
+          break
+        if preemption.should_stop(stop, checkpointer.manager, step, multi_process):
+          stopped = stop.signal_name or "preemption"
+          checkpointer.save(step, state, data_iter, config_json, force=True)
+          logging.warning("stopping at step %d (%s); checkpoint saved", step, stopped)
+          break
+        checkpointer.save(step, state, data_iter, config_json)
+
+      if stopped is None:
+        checkpointer.save(step, state, data_iter, config_json, force=True)
+        samples = sampler(_sample_params(state, sample_source), step, text_cond)
+        paths = write_samples(workdir, step, samples, writer, is_main, grid_cols)
+        if is_main:
+          logging.info("done at step %d; samples: %s", step, ", ".join(paths))
+  finally:
+    checkpointer.close()
+    writer.flush()
+    writer.close()
+  return TrainResult(step, state, history, stopped, resumed_from)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+  return out

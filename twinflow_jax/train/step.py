@@ -1,0 +1,136 @@
+"""One train step: conditions, EMA teacher update, TwinFlow loss, guarded optimizer update.
+
+`make_train_step` returns a pure function `(state, batch) -> (state, metrics)`; the loop
+jits it once with explicit shardings and donates the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from twinflow_jax import losses
+from twinflow_jax.train.state import eval_ema_name
+from twinflow_jax.train.state import TrainState
+
+PyTree = Any
+UNCOND_MODES = ("null", "shuffle", "zeros", "none")
+
+
+def make_conditions(batch: dict[str, jax.Array], key: jax.Array, *, num_classes: int,
+                    uncond: str) -> tuple[PyTree, PyTree]:
+  """(cond, uncond) of a batch.
+
+  Class labels ('label' [B] int32; the data pipeline already applied label dropout, i.e.
+  some labels are the null class id `num_classes`). Unconditional e: 'null' = the null
+  class; 'shuffle' = a random other label (the official MNIST tutorial) or, for text,
+  another row's prompt; 'zeros' = the null text (zero embeddings, all-False mask, zero
+  pooled vector, as the data's text dropout); 'none' = e = c (no guidance signal).
+  Text ('txt' [B, L, D], 'txt_mask' [B, L], 'pooled' [B, P]) is passed as a dict.
+  Without either, the model is unconditional and both are None.
+  """
+  if uncond not in UNCOND_MODES:
+    raise ValueError(f"unknown train.uncond {uncond!r}; choose one of {UNCOND_MODES}")
+  k_shuffle = key
+  if "label" in batch:
+    labels = batch["label"].astype(jnp.int32)
+    if uncond == "null":
+      e = jnp.full_like(labels, num_classes)
+    elif uncond == "shuffle":
+      offset = jax.random.randint(k_shuffle, labels.shape, 1, max(num_classes, 2))
+      e = jnp.where(labels == num_classes, labels, (labels + offset) % num_classes)
+    elif uncond == "zeros":
+      raise ValueError("train.uncond='zeros' is for text conditions; use 'null' or "
+                       "'shuffle' for class labels")
+    else:
+      e = labels
+    return labels, e
+  if "txt" in batch:
+    cond = {k: batch[k] for k in ("txt", "txt_mask", "pooled") if k in batch}
+    if uncond in ("null", "zeros"):
+      e = {k: jnp.zeros_like(v) for k, v in cond.items()}
+    elif uncond == "shuffle":
+      e = jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), cond)
+    else:
+      e = cond
+    return cond, e
+  return None, None
+
+
+def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    num_classes: int = 0, uncond: str = "null",
+                    eval_ema_decays: tuple[float, ...] = (), accum_steps: int = 1
+                    ) -> Callable[[TrainState, dict[str, jax.Array]],
+                                  tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds `train_step(state, batch) -> (state, metrics)`.
+
+  Order within a step (TWINFLOW.md section 2): the EMA teacher is updated first from the
+  pre-update parameters (only at the start of an accumulation cycle, i.e. once per
+  optimizer update), the loss uses that fresh teacher, then the gradient update; extra
+  evaluation EMAs follow the new parameters. If the loss or the gradient norm is not finite
+  the whole update (parameters, optimizer state, EMAs) is skipped and `skipped` counts it.
+  """
+  emd = float(tf_config.ema_decay)
+  ema_names = [(eval_ema_name(d), float(d)) for d in eval_ema_decays]
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_draws, k_cond = jax.random.split(key)
+    x = batch["x"].astype(jnp.float32)
+    cond, e = make_conditions(batch, k_cond, num_classes=num_classes, uncond=uncond)
+    draws = losses.sample_draws(k_draws, x.shape, tf_config, jnp.float32)
+
+    # 6. EMA teacher update before the loss, once per optimizer update.
+    new_ema, new_cmd = losses.teacher_update(state.ema, state.params, state.ema_cmd, emd)
+    if accum_steps > 1:
+      at_cycle_start = state.opt_state.mini_step == 0
+      new_ema = jax.tree.map(lambda n, o: jnp.where(at_cycle_start, n, o), new_ema,
+                             state.ema)
+      new_cmd = jnp.where(at_cycle_start, new_cmd, state.ema_cmd)
+
+    def loss_fn(params):
+      return losses.twinflow_loss(apply_fn, params, new_ema, x, cond, e, draws, tf_config)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # MultiSteps applied the accumulated update iff its micro-step counter wrapped to 0.
+    applied = new_opt.mini_step == 0 if accum_steps > 1 else jnp.bool_(True)
+    new_eval = {name: jax.tree.map(
+        lambda a, p, d=d: jnp.where(applied, a * d + p * (1 - d), a),
+        state.eval_emas[name], new_params) for name, d in ema_names}
+
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        ema=keep(new_ema, state.ema),
+        ema_cmd=keep(new_cmd, state.ema_cmd),
+        eval_emas=keep(new_eval, state.eval_emas),
+        skipped=state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32))
+    metrics = dict(aux)
+    metrics.update(
+        grad_norm=grad_norm,
+        learning_rate=schedule(_update_count(state.opt_state, accum_steps)),
+        skipped_steps=new_state.skipped,
+        ema_decay=state.ema_cmd)
+    return new_state, metrics
+
+  return train_step
+
+
+def _update_count(opt_state: optax.OptState, accum_steps: int) -> jax.Array:
+  """Number of optimizer updates applied so far (the schedule's index)."""
+  if accum_steps > 1:
+    return opt_state.gradient_step
+  counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+  if not counts:
+    return jnp.zeros((), jnp.int32)
+  return counts[-1][1]
