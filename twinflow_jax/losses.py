@@ -439,7 +439,7 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
     # 1 / delta) elsewhere. The official 1 / (t - r) is inf on r = t rows; guard it so no
     # NaN can reach anything.
     safe_gap = jnp.where(gap > 0, gap, 1.0)
-    cof_l = jnp.where(short, 1.0, gap / delta)
+    cof_l = jnp.where(short, 1.0, gap * (1.0 / delta))   # official: 100 * (t - r)
     cof_r = jnp.where(short, jnp.where(gap > 0, 1.0 / safe_gap, 0.0), 1.0 / delta)
     resid = fr * _bcast(cof_l, fr) - d_sum * _bcast(cof_r, fr) - vr
     rcgm = fr - jnp.clip(resid, -1.0, 1.0)
