@@ -167,6 +167,19 @@ def test_corrupt_latest_checkpoint_falls_back(reference, tmp_path):
   np.testing.assert_allclose([got[k] for k in ref], [ref[k] for k in ref], atol=1e-6, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_no_restorable_checkpoint_stops_and_keeps_everything(tmp_path):
+  # A changed model no longer fits the saved state: that is no reason to move the
+  # checkpoints aside and start again from step 0.
+  workdir = str(tmp_path / "mismatch")
+  loop.train(toy_config(), workdir, stop_at_step=3)           # checkpoint at step 2
+  before = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  with pytest.raises(RuntimeError, match="nothing was moved"):
+    loop.train(toy_config(**{"model.hidden": 24}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  assert metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) == before
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "sigterm"
   cmd = [sys.executable, "-m", "twinflow_jax.main", "--config", str(ROOT / "configs/toy2d.py"),

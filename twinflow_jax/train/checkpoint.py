@@ -88,20 +88,28 @@ class Checkpointer:
     """
     self._report_incomplete()
     steps = self.all_steps()
+    failed: list[tuple[int, Exception]] = []
     for step in reversed(steps):
       try:
         state = self._restore(step, abstract_state, data_iter)
       except Exception as e:  # pylint: disable=broad-except
-        logging.error("checkpoint at step %d in %s cannot be restored (%s: %s); moving it "
-                      "aside and trying the previous one", step, self.directory,
-                      type(e).__name__, e)
-        self._quarantine(step)
+        logging.error("checkpoint at step %d in %s cannot be restored (%s: %s); trying "
+                      "the previous one", step, self.directory, type(e).__name__, e)
+        failed.append((step, e))
         continue
+      # Only once an older checkpoint restores are the newer broken ones moved aside
+      # (kept, never deleted), so that later saves and resumes do not trip on them.
+      for bad, _ in failed:
+        self._quarantine(bad)
       logging.info("restored checkpoint of step %d from %s", step, self.directory)
       return step, state
     if steps:
+      # Nothing restores: more likely a changed config or an unreachable store than
+      # corruption everywhere. Stop and leave every checkpoint where it is.
+      details = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in failed)
       raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be "
-                         "restored; see the errors logged above")
+                         f"restored, so nothing was moved or overwritten. Does the config "
+                         f"match the one they were saved with? Errors: {details}")
     return None
 
   def _restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
