@@ -110,6 +110,42 @@ def test_sharded_mesh_matches_one_device(reference, tmp_path):
   np.testing.assert_allclose([got[k] for k in ref], [ref[k] for k in ref], atol=1e-5, rtol=0)
 
 
+def tiny_dit_config(**overrides):
+  """configs/default.py (DiT on MNIST) shrunk to a few fast steps."""
+  spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs" / "default.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.depth, c.model.hidden_size, c.model.num_heads = 1, 32, 2
+  c.data.image_size = 8
+  c.optim.schedule, c.optim.warmup_steps = "constant", 0
+  c.train.global_batch_size = 16
+  c.train.num_steps = 3
+  c.train.log_every = 1
+  c.train.checkpoint_every = 100
+  c.train.sample_every = 0
+  c.train.use_tensorboard = False
+  c.train.compilation_cache_dir = CACHE_DIR or ""
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  return c
+
+
+def test_fsdp_and_tensor_sharded_dit_matches_one_device(tmp_path):
+  # The toy MLP is replicated; a DiT really shards its weights over fsdp and tensor.
+  sharded = loop.train(tiny_dit_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+                       str(tmp_path / "sharded"))
+  specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded.state.params)]
+  assert any("fsdp" in str(s) for s in specs) and any("tensor" in str(s) for s in specs)
+  one = loop.train(tiny_dit_config(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}),
+                   str(tmp_path / "one"), devices=jax.devices()[:1])
+  got, ref = losses_by_step(str(tmp_path / "sharded")), losses_by_step(str(tmp_path / "one"))
+  assert sorted(got) == [1, 2, 3]
+  np.testing.assert_allclose([got[k] for k in ref], [ref[k] for k in ref], atol=1e-5, rtol=0)
+  assert_trees_close(sharded.state.params, one.state.params, atol=1e-5)
+
+
 def test_kill_and_resume_is_exact(reference, tmp_path):
   ref_dir, ref_result = reference
   workdir = str(tmp_path / "killed")
@@ -186,7 +222,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
          "--workdir", str(workdir), "--config.train.num_steps=1000000",
          "--config.train.log_every=1", "--config.train.checkpoint_every=1000000",
          "--config.model.hidden=16", "--config.model.depth=1",
-         "--config.train.global_batch_size=16", "--config.data.toy2d_size=512"]
+         "--config.train.global_batch_size=16", "--config.data.toy2d_size=512",
+         # A constant LR, so that the resumed run may stop at a nearer step count.
+         "--config.optim.schedule=constant", "--config.optim.warmup_steps=0"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -203,9 +241,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert "stopped: SIGTERM" in out
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and steps[0] >= 3
-  # The checkpoint is complete and the run resumes from it.
   logged = [r["step"] for r in metrics.read_jsonl(str(jsonl))]
   assert max(logged) >= steps[0]
+  # The checkpoint is complete and the same command resumes from it.
+  cmd = [a for a in cmd if not a.startswith("--config.train.num_steps=")]
+  out = subprocess.run(cmd + [f"--config.train.num_steps={steps[0] + 2}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  logged = [r["step"] for r in metrics.read_jsonl(str(jsonl))]
+  assert logged == list(range(1, steps[0] + 3)), logged   # resumed, nothing lost or repeated
 
 
 # ------------------------------------------------------------------------------ the step

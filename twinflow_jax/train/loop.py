@@ -170,6 +170,10 @@ def make_sampler(setup: Setup, config: Any) -> Callable[[Any, int], dict[str, np
     cond = jnp.arange(n, dtype=jnp.int32) % ncls
   else:
     cond = None   # text conditions come from the first batch (see `train`)
+    if n > t.global_batch_size and t.sample_every:
+      raise ValueError(f"train.num_samples={n} exceeds train.global_batch_size="
+                       f"{t.global_batch_size}: text-conditional sample grids take their "
+                       "conditions from the first batch")
 
   def sample_all(params, key, text_cond):
     k_noise, k_sample = jax.random.split(key)
