@@ -38,29 +38,30 @@ def compilation_cache(tmp_path_factory):
   loop.enable_compilation_cache(None)   # leave the process as we found it
 
 
-def toy_config(**overrides):
-  """configs/toy2d.py shrunk to a few fast steps; overrides as 'section.field' = value."""
-  spec = importlib.util.spec_from_file_location("toy2d_config", ROOT / "configs" / "toy2d.py")
+def load_config(name, overrides, **fields):
+  """configs/<name>.py with `fields` and then `overrides` ('section.field' = value) set."""
+  spec = importlib.util.spec_from_file_location(f"{name}_config", ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  c.model.hidden, c.model.depth, c.model.time_dim = 16, 1, 16
-  c.data.toy2d_size = 512
-  c.optim.schedule, c.optim.warmup_steps = "constant", 0
-  c.train.global_batch_size = 16
-  c.train.num_steps = NUM_STEPS
-  c.train.log_every = 1
-  c.train.checkpoint_every = 2
-  c.train.sample_every = 0
-  c.train.num_samples = 64
-  c.train.sample_presets = ("1nfe",)
-  c.train.use_tensorboard = False
-  c.train.compilation_cache_dir = CACHE_DIR or ""
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
-  for key, value in overrides.items():
+  for key, value in {**fields, **overrides}.items():
     section, field = key.split(".")
     c[section][field] = value
   return c
+
+
+# Settings every shrunk test config shares: a constant LR, logs every step, no samples.
+FAST = {"optim.schedule": "constant", "optim.warmup_steps": 0, "train.global_batch_size": 16,
+        "train.log_every": 1, "train.sample_every": 0, "train.use_tensorboard": False}
+
+
+def toy_config(**overrides):
+  """configs/toy2d.py shrunk to a few fast steps on a (2, 2, 2) mesh."""
+  return load_config("toy2d", overrides, **FAST, **{
+      "model.hidden": 16, "model.depth": 1, "model.time_dim": 16, "data.toy2d_size": 512,
+      "train.num_steps": NUM_STEPS, "train.checkpoint_every": 2, "train.num_samples": 64,
+      "train.sample_presets": ("1nfe",), "train.compilation_cache_dir": CACHE_DIR or "",
+      "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
 
 
 def losses_by_step(workdir):
@@ -112,24 +113,10 @@ def test_sharded_mesh_matches_one_device(reference, tmp_path):
 
 def tiny_dit_config(**overrides):
   """configs/default.py (DiT on MNIST) shrunk to a few fast steps."""
-  spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs" / "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.model.depth, c.model.hidden_size, c.model.num_heads = 1, 32, 2
-  c.data.image_size = 8
-  c.optim.schedule, c.optim.warmup_steps = "constant", 0
-  c.train.global_batch_size = 16
-  c.train.num_steps = 3
-  c.train.log_every = 1
-  c.train.checkpoint_every = 100
-  c.train.sample_every = 0
-  c.train.use_tensorboard = False
-  c.train.compilation_cache_dir = CACHE_DIR or ""
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    c[section][field] = value
-  return c
+  return load_config("default", overrides, **FAST, **{
+      "model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "data.image_size": 8,
+      "train.num_steps": 3, "train.checkpoint_every": 100,
+      "train.compilation_cache_dir": CACHE_DIR or ""})
 
 
 def test_fsdp_and_tensor_sharded_dit_matches_one_device(tmp_path):
