@@ -19,8 +19,8 @@ from flax import nnx
 from twinflow_jax.models import (MESH_AXES, create_model, load_model_config,
                                  load_pretrained)
 from twinflow_jax.models import convert
-from twinflow_jax.models.dit_convert import load_torch_dit
-from twinflow_jax.models.state_dict_io import (read_state_dict,
+from twinflow_jax.models.convert.sit import load_torch_dit
+from twinflow_jax.models.convert.state_dict import (read_state_dict,
                                                write_safetensors)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures',
@@ -132,7 +132,7 @@ def test_cli_safetensors_to_orbax_and_load(ref, tmp_path):
   with pytest.raises(FileNotFoundError):
     load_pretrained(model, str(tmp_path / 'nowhere'))
   with pytest.raises(ValueError, match='already holds'):
-    convert.convert(convert._parser().parse_args(argv))
+    convert.convert(convert.parser().parse_args(argv))
 
 
 def test_cli_rejects_ddpm_dit_and_bad_sizes(ref, tmp_path, capsys):

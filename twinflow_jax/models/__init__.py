@@ -11,7 +11,7 @@ Every model is called as `F = model(x_t, t, r, cond)` with NHWC images
 
 Sharded init and the default logical-axis rules: see `sharding.py`.
 Starting from PyTorch DiT/SiT weights: `python -m twinflow_jax.models.convert`
-(see `convert.py`), then `load_pretrained(model, path)`.
+(see `convert/`), then `load_pretrained(model, path)`.
 """
 
 from twinflow_jax.models.attention import (dot_product_attention,

@@ -2,7 +2,7 @@
 
 Same layers as `facebookresearch/DiT` and `willisma/SiT` (patch embedding,
 fixed 2-D sin-cos positions, adaLN-Zero blocks, final adaLN layer, label table
-with a null class), so their checkpoints load one-to-one (`dit_convert.py`).
+with a null class), so their checkpoints load one-to-one (`convert/sit.py`).
 Images are NHWC. The time embedding is the twin-time one of `embeddings.py`.
 """
 

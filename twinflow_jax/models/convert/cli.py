@@ -6,7 +6,7 @@ r"""CLI: PyTorch DiT/SiT checkpoint -> pretrained directory for the trainer.
 Reads .pt/.pth (needs torch), .safetensors or .npz; sizes not given on the
 command line (in_channels, input_size, num_classes) are read from the
 checkpoint. The time mapping (`--source`, default 'sit') is documented in
-`dit_convert.py`: SiT weights get time_convention='sit' (network time 1 - t,
+`sit.py`: SiT weights get time_convention='sit' (network time 1 - t,
 output negated), 'twinflow' weights load as is, DDPM-noise DiT weights are
 rejected. Writes DIR/params (Orbax) and DIR/model_config.json; load them with
 `load_model_config` + `create_model` + `load_pretrained`.
@@ -19,14 +19,14 @@ import sys
 from flax import nnx
 
 from twinflow_jax.models.configs import resolve_config
-from twinflow_jax.models.dit_convert import (infer_dit_fields, load_torch_dit,
+from twinflow_jax.models.convert.sit import (infer_dit_fields, load_torch_dit,
                                              time_convention_for)
+from twinflow_jax.models.convert.state_dict import read_state_dict
 from twinflow_jax.models.factory import create_model
 from twinflow_jax.models.pretrained import save_pretrained
-from twinflow_jax.models.state_dict_io import read_state_dict
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog='python -m twinflow_jax.models.convert',
       description='Convert a DiT/SiT PyTorch checkpoint for twinflow_jax.')
@@ -91,7 +91,7 @@ def convert(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  args = parser().parse_args(argv)
   try:
     cfg = convert(args)
   except (ValueError, FileNotFoundError, ImportError) as e:
@@ -101,7 +101,3 @@ def main(argv: list[str] | None = None) -> int:
         f"input_size={cfg['input_size']} num_classes={cfg['num_classes']} "
         f"time_convention={cfg['time_convention']}")
   return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
