@@ -28,12 +28,14 @@ setup(
         "numpy>=1.26,<3",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # scipy (also a jax dependency): reference sqrtm in the FID tests.
+        "test": ["pytest>=8", "scipy>=1.11"],
         # TensorBoard summaries through clu.metric_writers (imports TensorFlow).
         "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
         # Decoding PNG/JPEG of TFDS image datasets and image folders without TensorFlow.
         "images": ["pillow>=10"],
-        # Only to read PyTorch `.pt` checkpoints in the converter.
+        # Only to read PyTorch `.pt` / `.pth` checkpoints (DiT/SiT, FID Inception) in the
+        # converters.
         "torch": ["torch>=2.1"],
     },
 )

@@ -22,3 +22,14 @@ def test_no_tensorflow_or_tfds_at_import_time():
   loaded = _modules_after("twinflow_jax.models, twinflow_jax.data, twinflow_jax.train.loop, "
                           "twinflow_jax.main")
   assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
+
+
+def test_evaluation_imports_without_tensorflow_or_torch():
+  loaded = _modules_after("twinflow_jax.evaluation, twinflow_jax.evaluation.fid, "
+                          "twinflow_jax.evaluation.inception_score")
+  assert loaded == [], loaded  # the pure metric modules need numpy only
+  loaded = _modules_after("twinflow_jax.evaluation.fid_stats, "
+                          "twinflow_jax.evaluation.inception_metrics, "
+                          "twinflow_jax.models.inception, "
+                          "twinflow_jax.models.convert.inception")
+  assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded

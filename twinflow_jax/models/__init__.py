@@ -9,6 +9,8 @@ Every model is called as `F = model(x_t, t, r, cond)` with NHWC images
   graphdef, params, rest = split_model(model)
   apply_fn = as_apply_fn(graphdef, rest)   # apply_fn(params, x_t, t, r, cond)
 
+The FID InceptionV3 used by `twinflow_jax.evaluation` lives in `inception.py`
+(not imported here; load it with `twinflow_jax.models.convert.inception`).
 Sharded init and the default logical-axis rules: see `sharding.py`.
 Starting from PyTorch DiT/SiT weights: `python -m twinflow_jax.models.convert`
 (see `convert/`), then `load_pretrained(model, path)`.

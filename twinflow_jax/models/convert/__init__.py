@@ -2,6 +2,8 @@
 
   state_dict   reading PyTorch-style state dicts as numpy (.npz, .safetensors, .pt).
   sit          PyTorch DiT / SiT state dicts -> `DiT` parameters.
+  inception    pytorch-fid's FID Inception (pt_inception-2015-12-05) -> `InceptionV3`
+               (.npz); its own CLI: `python -m twinflow_jax.models.convert.inception`.
   cli          `python -m twinflow_jax.models.convert`: a checkpoint -> a pretrained
                directory that the trainer starts from (`--config.train.init_from`).
 
