@@ -56,6 +56,12 @@ def test_sharded_equals_unsharded_with_partial_last_batch(model):
   np.testing.assert_allclose(sharded.pool, direct.pool, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(sharded.logits, direct.logits_unbiased, rtol=1e-5, atol=1e-6)
   assert seen == [(8, 13), (13, 13)]
+  # A sharded jax.Array of samples (as the sampler returns them) works directly.
+  mesh = jax.make_mesh((8,), ('data',))
+  sharded_x = jax.device_put(x[:8], jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data')))
+  from_jax = ActivationExtractor(model, batch_size=8, image_size=16)(sharded_x)
+  np.testing.assert_allclose(from_jax.pool, sharded.pool[:8], rtol=1e-6, atol=1e-6)
 
 
 def test_project_mesh_float_samples_and_grey_images(model):

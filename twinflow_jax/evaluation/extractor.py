@@ -104,13 +104,17 @@ class ActivationExtractor:
 
     Args:
       images: array-like [N, H, W(, C)] (numpy array, memmap, ...): uint8 pixels or
-        float samples in [-1, 1]; C in {1, 3}. N may differ between processes.
+        float samples in [-1, 1]; C in {1, 3}. N may differ between processes. A
+        `jax.Array` (e.g. sharded samples from the sampler) is first reduced to the
+        rows this process holds (`host_local_rows`).
       progress: optional callback(done, total) with global image counts, after
         every step.
 
     Returns:
       Activations of all processes' images (global order), on every process.
     """
+    if isinstance(images, jax.Array):
+      images = host_local_rows(images)
     n_local = len(images)
     counts = np.asarray(multihost_utils.process_allgather(np.int64(n_local))).reshape(-1)
     offset = int(counts[:jax.process_index()].sum())
@@ -160,6 +164,23 @@ class ActivationExtractor:
                        'shape, e.g. np.zeros((0, H, W, 3), np.uint8)')
     dummy = pre.as_uint8_nhwc(np.zeros((1,) + tuple(shape[1:]), np.uint8))
     return dummy.shape[1:]
+
+
+def host_local_rows(x: jax.Array) -> np.ndarray:
+  """The rows of a (batch-sharded) global array that this process holds, in order.
+
+  Fully addressable arrays (one process) come back whole. Otherwise the addressable
+  shards are de-duplicated by their row range (replicas on other mesh axes) and
+  concatenated; with the usual batch sharding, process p holds the p-th block of rows,
+  so the extractor's global order equals the array's.
+  """
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  blocks = {}
+  for shard in x.addressable_shards:
+    rows = shard.index[0] if shard.index else slice(None)
+    blocks.setdefault(rows.start or 0, shard.data)
+  return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
 
 
 class Throughput:

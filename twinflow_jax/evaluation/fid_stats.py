@@ -123,6 +123,8 @@ def run(args) -> str:
     kept.append(acts.pool[selected[seen:seen + len(acts.pool)]])
     seen += len(acts.pool)
   rate = total / (time.perf_counter() - start)
+  if hasattr(images, 'close'):
+    images.close()
   mu, sigma = adm if adm is not None else stats.result()
   ref = ReferenceStats(mu=mu, sigma=sigma,
                        act=np.concatenate(kept) if keep else None,

@@ -59,14 +59,22 @@ class NpzMemberImages:
     elif key not in names:
       raise ValueError(f'{path}: has no key {key!r}; keys: {names}')
     self.key = key
-    self._file = None
+    self._zip = self._file = None
     self._open()
     self.shape = (self._shape[0],) + as_uint8_nhwc(
         np.zeros((1,) + self._shape[1:], np.uint8), f'{path}[{key}]').shape[1:]
 
+  def close(self) -> None:
+    for f in (self._file, self._zip):
+      if f is not None:
+        f.close()
+    self._zip = self._file = None
+
+  def __del__(self):
+    self.close()
+
   def _open(self) -> None:
-    if self._file is not None:
-      self._file.close()
+    self.close()
     self._zip = zipfile.ZipFile(self.path)
     self._file = self._zip.open(self.key + '.npy')
     version = np.lib.format.read_magic(self._file)
@@ -186,6 +194,10 @@ class Range:
   def __init__(self, images, start: int, stop: int):
     self.images, self.start, self.stop = images, start, stop
     self.shape = (stop - start,) + tuple(images.shape[1:])
+
+  def close(self) -> None:
+    if hasattr(self.images, 'close'):
+      self.images.close()
 
   def __len__(self) -> int:
     return self.stop - self.start
