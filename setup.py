@@ -28,8 +28,12 @@ setup(
         "numpy>=1.26,<3",
     ],
     extras_require={
-        # scipy (also a jax dependency): reference sqrtm in the FID tests.
-        "test": ["pytest>=8", "scipy>=1.11"],
+        # scipy (also a jax dependency): reference sqrtm in the FID tests. tokenizers: the
+        # caption-embedding tests read the tiny tokenizers of tests/fixtures.
+        "test": ["pytest>=8", "scipy>=1.11", "tokenizers>=0.20"],
+        # Data preparation (python -m twinflow_jax.data.prepare / .captions): text
+        # tokenizers (Rust, no torch) and image decoding. The text encoders run in JAX.
+        "prep": ["tokenizers>=0.20", "pillow>=10"],
         # TensorBoard summaries through clu.metric_writers (imports TensorFlow).
         "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
         # Decoding PNG/JPEG of TFDS image datasets and image folders without TensorFlow.
