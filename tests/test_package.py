@@ -33,3 +33,11 @@ def test_evaluation_imports_without_tensorflow_or_torch():
                           "twinflow_jax.models.inception, "
                           "twinflow_jax.models.convert.inception")
   assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
+
+
+def test_caption_embedding_imports_neither_torch_nor_tensorflow():
+  # The text encoders run in JAX; `tokenizers` is imported only when a tokenizer is read.
+  loaded = _modules_after("twinflow_jax.data.captions, twinflow_jax.models.convert.hf_text, "
+                          "twinflow_jax.models.clip_text, twinflow_jax.models.t5, "
+                          "twinflow_jax.models.qwen2_text")
+  assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
