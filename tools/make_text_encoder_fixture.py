@@ -20,8 +20,9 @@ components that `twinflow_jax.data.captions.load_text_encoders` reads:
                tokenizer Qwen2 byte-level BPE as vocab.json + merges.txt + added tokens
 
 Configs are tiny and every weight (norm scales, biases, T5's relative position table) is
-random and non-zero. The tokenizers are trained on a small corpus with the `tokenizers`
-library; the Qwen2 one is built so that Qwen-Image's prompt template prefix is the same
+random and non-zero. The BPE tokenizers are learnt on a small corpus by a deterministic
+BPE loop (the `tokenizers` trainers are not deterministic), the T5 Unigram vocabulary is
+fixed; the Qwen2 one is built so that Qwen-Image's prompt template prefix is the same
 34 tokens as with the real vocabulary. Weights are written as float32 safetensors
 (`save_pretrained`), the models run in float32.
 
@@ -38,6 +39,7 @@ library; the Qwen2 one is built so that Qwen-Image's prompt template prefix is t
 """
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -45,7 +47,7 @@ import shutil
 import numpy as np
 import torch
 from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
-                        pre_tokenizers, processors, trainers)
+                        pre_tokenizers, processors)
 
 CAPTIONS = [
     "A red cube on a blue table",
@@ -84,17 +86,47 @@ def write_json(path, obj):
     json.dump(obj, f, indent=1, ensure_ascii=False)
 
 
-def bpe_vocab_merges(normalizer, pre_tokenizer, vocab_size, suffix=""):
-  """Trains a byte-level BPE on the corpus; returns its merges."""
-  tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix=suffix))
+def bpe_vocab_merges(normalizer, pre_tokenizer, num_merges, suffix=""):
+  """Byte-level BPE merges learnt on the corpus, deterministically.
+
+  (The `tokenizers` trainers break ties between equally frequent pairs differently
+  from run to run.) Each step merges the most frequent adjacent pair, ties broken by
+  the pair's text; words are the pre-tokenizer's pieces, the suffix marks word ends.
+  """
+  tok = Tokenizer(models.BPE())
   tok.normalizer = normalizer
   tok.pre_tokenizer = pre_tokenizer
-  kw = {"end_of_word_suffix": suffix} if suffix else {}
-  tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False, **kw))
-  return [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-          for m in json.loads(tok.to_str())["model"]["merges"]]
+  words = collections.Counter()
+  for text in corpus():
+    for piece, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+      symbols = list(piece)
+      symbols[-1] += suffix
+      words[tuple(symbols)] += 1
+  merges = []
+  for _ in range(num_merges):
+    pairs = collections.Counter()
+    for word, count in words.items():
+      for pair in zip(word, word[1:]):
+        pairs[pair] += count
+    if not pairs:
+      break
+    best = min(pairs, key=lambda p: (-pairs[p], p))
+    if pairs[best] < 2:
+      break
+    merges.append(best)
+    merged = collections.Counter()
+    for word, count in words.items():
+      out, i = [], 0
+      while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+          out.append(word[i] + word[i + 1])
+          i += 2
+        else:
+          out.append(word[i])
+          i += 1
+      merged[tuple(out)] += count
+    words = merged
+  return merges
 
 
 def byte_alphabet() -> list[str]:
@@ -131,7 +163,7 @@ def make_clip_tokenizer(folder, pad_token):
   pre = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False)])
-  merges = bpe_vocab_merges(normalizer, pre, 700, suffix="</w>")
+  merges = bpe_vocab_merges(normalizer, pre, 200, suffix="</w>")
   alphabet = byte_alphabet()
   tokens = alphabet + [a + "</w>" for a in alphabet]
   for a, b in merges:
@@ -160,7 +192,16 @@ def make_clip_tokenizer(folder, pad_token):
 def make_t5_tokenizer(folder):
   """T5 layout: <pad>=0, </s>=1, <unk>=2, Unigram pieces; '$A </s>' post-processor."""
   os.makedirs(folder, exist_ok=True)
-  tok = Tokenizer(models.Unigram())
+  # A fixed Unigram vocabulary (the trainer is not deterministic): whole words of the
+  # template and a few short words, 3-letter stems of the others, single characters.
+  words = sorted({w.lower().strip(",.:!") for w in " ".join(corpus()).split()} - {""})
+  pieces = [(f"▁{w}", -2.0 - 0.1 * len(w)) for w in words
+            if len(w) <= 4 or w in QWEN_TEMPLATE]
+  pieces += [(f"▁{w[:3]}", -6.0) for w in words if len(w) > 4 and w not in QWEN_TEMPLATE]
+  chars = sorted(set("".join(words)) | set(",.:!"))
+  pieces += [("▁", -3.0)] + [(c, -8.0) for c in chars]
+  vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + list(dict(pieces).items())
+  tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
   # No normaliser: the real tokenizer.json has sentencepiece's Precompiled (nmt_nfkc)
   # one, which cannot be made here, and transformers 5 rebuilds T5 tokenizers without
   # any other normaliser, so the ids of transformers and of tokenizer.json agree.
@@ -168,9 +209,7 @@ def make_t5_tokenizer(folder):
       pre_tokenizers.WhitespaceSplit(),
       pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
   tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-  tok.train_from_iterator(corpus(), trainers.UnigramTrainer(
-      vocab_size=160, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-      show_progress=False))
+  tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
   tok.post_processor = processors.TemplateProcessing(
       single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
   assert tok.token_to_id("<pad>") == 0 and tok.token_to_id("</s>") == 1
@@ -190,7 +229,7 @@ def make_qwen_tokenizer(folder):
   pre = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  merges = bpe_vocab_merges(normalizers.NFC(), pre, 700)
+  merges = bpe_vocab_merges(normalizers.NFC(), pre, 200)
   tokens = byte_alphabet()
   for a, b in merges:
     if a + b not in tokens:
