@@ -103,13 +103,15 @@ def test_sharded_over_the_mesh_with_fsdp_weights(ref, caps):
 
 def test_bfloat16(ref, caps):
   enc = _encoders("flux", dtype="bfloat16")
+  assert enc.params["t5"]["embedding"][...].dtype == "bfloat16"
   out = captions.embed_captions(caps, "flux", enc, max_length=12)
   want = _expected(ref, "flux")
   for k in ("txt", "pooled"):
     assert out[k].dtype == np.float32
-    scale = float(np.max(np.abs(want[k])))
-    err = float(np.max(np.abs(out[k] - want[k])))
-    assert err < 0.05 * scale, (k, err, scale)
+    # bfloat16 keeps 8 significant bits; through these random encoders (T5's unscaled
+    # logits are sharp) the error is about 1% RMS of the float32 result.
+    rel = np.sqrt(np.mean((out[k] - want[k])**2) / np.mean(want[k]**2))
+    assert 1e-4 < rel < 0.03, (k, rel)
 
 
 def test_cli_writes_prompt_npz(ref, caps, tmp_path, capsys):
