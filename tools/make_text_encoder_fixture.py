@@ -44,10 +44,17 @@ import json
 import os
 import shutil
 
+import diffusers
 import numpy as np
 import torch
-from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
-                        pre_tokenizers, processors)
+import transformers
+from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        processors)
+from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel,
+                          CLIPTextModelWithProjection, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, T5EncoderModel, T5Config)
+from transformers.models.t5.modeling_t5 import T5Attention
 
 CAPTIONS = [
     "A red cube on a blue table",
@@ -304,9 +311,7 @@ def t5_outputs(model, tokenizer, captions, prefix, out):
   out[f"{prefix}/last_hidden_state_masked"] = masked.numpy()
 
 
-def t5_config(vocab_size, d_model, d_ff, seed):
-  from transformers import T5Config  # pylint: disable=g-import-not-at-top
-  del seed
+def t5_config(vocab_size, d_model, d_ff):
   return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=d_ff, num_layers=2,
                   num_heads=4, relative_attention_num_buckets=8,
                   relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
@@ -316,7 +321,6 @@ def t5_config(vocab_size, d_model, d_ff, seed):
 
 
 def t5_buckets_reference():
-  from transformers.models.t5.modeling_t5 import T5Attention  # pylint: disable=g-import-not-at-top
   rel = torch.arange(-1100, 1101)
   return T5Attention._relative_position_bucket(  # pylint: disable=protected-access
       rel, bidirectional=True, num_buckets=32, max_distance=128).numpy().astype(np.int8)
@@ -326,12 +330,6 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default="tests/fixtures/text_encoders")
   args = p.parse_args()
-  import diffusers  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline  # pylint: disable=g-import-not-at-top
-  from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel,  # pylint: disable=g-import-not-at-top
-                            CLIPTextModelWithProjection, Qwen2_5_VLConfig,
-                            Qwen2_5_VLForConditionalGeneration, T5EncoderModel)
   torch.manual_seed(0)
   diffusers.utils.logging.set_verbosity_error()
   transformers.utils.logging.set_verbosity_error()
@@ -355,7 +353,7 @@ def main():
       num_attention_heads=3, max_position_embeddings=CLIP_LENGTH, hidden_act="gelu",
       projection_dim=20, layer_norm_eps=1e-5, bos_token_id=eos - 1, pad_token_id=1,
       eos_token_id=eos)), 2)
-  t5 = randomise(T5EncoderModel(t5_config(n_t5, 48, 40, 3)), 3)
+  t5 = randomise(T5EncoderModel(t5_config(n_t5, 48, 40)), 3)
   save_model(clip_l, os.path.join(sd3, "text_encoder"))
   save_model(clip_g, os.path.join(sd3, "text_encoder_2"))
   save_model(t5, os.path.join(sd3, "text_encoder_3"))
@@ -391,7 +389,7 @@ def main():
       vocab_size=n_clip, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
       num_attention_heads=2, max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu",
       layer_norm_eps=1e-5, bos_token_id=0, pad_token_id=1, eos_token_id=2)), 4)
-  t5f = randomise(T5EncoderModel(t5_config(n_t5, 32, 24, 5)), 5)
+  t5f = randomise(T5EncoderModel(t5_config(n_t5, 32, 24)), 5)
   save_model(clip, os.path.join(flux, "text_encoder"))
   save_model(t5f, os.path.join(flux, "text_encoder_2"))
   write_json(os.path.join(flux, "model_index.json"),

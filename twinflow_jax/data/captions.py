@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -49,6 +50,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from twinflow_jax.data.text_tokenizers import TextTokenizer, load_tokenizer
+from twinflow_jax.models.convert import hf_text
 
 FAMILIES = ("sd3", "flux", "qwen_image")
 # The pipelines' default max_sequence_length (T5 tokens for sd3 / flux, prompt tokens
@@ -102,7 +104,6 @@ class TextEncoders:
   mesh: jax.sharding.Mesh | None
   batch_size: int
   clip_length: int | None
-  _forward: Any = None
 
   def embedding_shapes(self, max_length: int | None = None) -> dict[str, tuple[int, ...]]:
     """Per-caption shapes {'txt': (L, D), 'txt_mask': (L,), 'pooled': (P,)}."""
@@ -179,7 +180,6 @@ def load_text_encoders(family: str, model_dir: str, *, dtype: str = "float32",
     ValueError / FileNotFoundError: unknown family, a missing folder or file (named),
       a folder of another pipeline, an encoder of the wrong kind.
   """
-  from twinflow_jax.models.convert import hf_text  # pylint: disable=g-import-not-at-top
   _check_family(family)
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -236,6 +236,7 @@ def load_text_encoders(family: str, model_dir: str, *, dtype: str = "float32",
                       mesh, -(-batch_size // ways) * ways, clip_length)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(family: str, graphdef, params, inputs: dict[str, jax.Array]):
   """The family's pipeline arithmetic on token arrays; float32 outputs."""
   m = nnx.merge(graphdef, params)
@@ -303,8 +304,6 @@ def embed_captions(captions: Sequence[str], family: str, encoders: TextEncoders,
   if bad:
     raise ValueError(f"captions must be strings; caption {bad[0]} is "
                      f"{type(captions[bad[0]]).__name__}")
-  if encoders._forward is None:  # pylint: disable=protected-access
-    encoders._forward = jax.jit(_forward, static_argnums=0)  # pylint: disable=protected-access
   shapes = encoders.embedding_shapes(length)
   n, bs = len(captions), encoders.batch_size
   out = {k: np.zeros((n,) + s, bool if k == "txt_mask" else np.float32)
@@ -316,8 +315,7 @@ def embed_captions(captions: Sequence[str], family: str, encoders: TextEncoders,
     chunk = captions[start:start + bs]
     inputs = _tokenize(encoders, chunk + [""] * (bs - len(chunk)), length)
     inputs = {k: jax.device_put(v, sharding) for k, v in inputs.items()}
-    result = jax.device_get(encoders._forward(  # pylint: disable=protected-access
-        family, encoders.graphdef, encoders.params, inputs))
+    result = jax.device_get(_forward(family, encoders.graphdef, encoders.params, inputs))
     for k in out:
       out[k][start:start + len(chunk)] = result[k][:len(chunk)]
   return out
