@@ -149,6 +149,12 @@ def test_global_batches_do_not_depend_on_the_process_count(count):
   for k in range(3):
     for key in ("x", "label"):
       np.testing.assert_array_equal(np.concatenate([p[k][key] for p in parts]), one[k][key])
+  # A process whose devices hold scattered rows loads exactly those rows.
+  rows = [1, 5, 6, 12]
+  mine = _take(data.create_train_iterator(c, global_batch_size=16, seed=5, rows=rows,
+                                          process_index=0, process_count=count), 3)
+  for k in range(3):
+    np.testing.assert_array_equal(mine[k]["x"], one[k]["x"][rows])
 
 
 def test_processes_draw_independent_orders_and_augmentations():

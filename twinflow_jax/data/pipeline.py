@@ -47,9 +47,9 @@ class BatchIndices:
   """Source indices of this process's rows of global batch k.
 
   Global batch k holds positions [k B, (k + 1) B) of the epoch-shuffled stream; this
-  process takes positions k B + row_offset + [0, b). Position p lies in epoch p // count
-  at slot p % count; epoch e visits the data in the order `permutation_e` (seeded by
-  (seed, e); identity if not shuffled). Slot j is source index offset + j * stride.
+  process takes positions k B + rows. Position p lies in epoch p // count at slot
+  p % count; epoch e visits the data in the order `permutation_e` (seeded by (seed, e);
+  identity if not shuffled). Slot j is source index offset + j * stride.
 
   Attributes:
     count: examples in the stream's epoch.
@@ -58,7 +58,7 @@ class BatchIndices:
     shuffle: permute each epoch (else read in order).
     offset, stride: slot -> source index map.
     global_batch_size: B, rows of the global batch (default b: one process).
-    row_offset: first global row of this process (p b).
+    rows: this process's global rows, sorted (default [0, b)).
   """
   count: int
   batch_size: int
@@ -67,11 +67,12 @@ class BatchIndices:
   offset: int = 0
   stride: int = 1
   global_batch_size: int | None = None
-  row_offset: int = 0
+  rows: tuple[int, ...] | None = None
 
   def __call__(self, k: int) -> np.ndarray:
-    start = k * (self.global_batch_size or self.batch_size) + self.row_offset
-    positions = np.arange(start, start + self.batch_size, dtype=np.int64)
+    rows = (np.arange(self.batch_size, dtype=np.int64) if self.rows is None
+            else np.asarray(self.rows, np.int64))
+    positions = k * (self.global_batch_size or self.batch_size) + rows
     epochs, slots = np.divmod(positions, self.count)
     if self.shuffle:
       for e in np.unique(epochs):
@@ -114,19 +115,19 @@ class Augment:
       all-False mask, zero pooled vector).
     null_class: id of the null class (= num_classes).
     global_batch_size: B, rows of the global batch (default: this batch's rows).
-    row_offset: first global row of this process's batch.
+    rows: this process's global rows, sorted (default: all rows of the batch).
   """
   hflip: bool
   label_dropout: float
   null_class: int
   global_batch_size: int | None = None
-  row_offset: int = 0
+  rows: tuple[int, ...] | None = None
 
   def __call__(self, batch: dict[str, np.ndarray],
                rng: np.random.Generator) -> dict[str, np.ndarray]:
     b = len(batch["x"])
     n = self.global_batch_size or b
-    rows = slice(self.row_offset, self.row_offset + b)
+    rows = slice(0, b) if self.rows is None else np.asarray(self.rows, np.int64)
     # Always draw both so the random stream does not depend on the options.
     flip = (rng.random(n) < 0.5)[rows]
     drop = (rng.random(n) < self.label_dropout)[rows]
@@ -164,6 +165,7 @@ def create_train_iterator(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    rows: Sequence[int] | None = None,
 ) -> grain.DatasetIterator:
   """Returns a checkpointable iterator over this process's training batches.
 
@@ -175,15 +177,18 @@ def create_train_iterator(
       `data_config.shuffle_seed` is set.
     process_index, process_count: this process and the number of processes; default
       `jax.process_index()` / `jax.process_count()` (override to simulate hosts).
+    rows: the rows of each global batch that this process loads, i.e. the rows its
+      devices hold (`process_rows`); default [p b, (p + 1) b) for process p, b =
+      global_batch_size / process_count.
 
   Returns:
-    A `grain.DatasetIterator` of dicts of numpy arrays with b = global_batch_size /
-    process_count rows: 'x' float32 [b, *spec.x_shape] and 'label' int32 [b] (class
-    data, null class = num_classes), or 'txt' float32 [b, L, D], 'txt_mask' bool [b, L],
-    'pooled' float32 [b, P] (text data). Use it with `grain.checkpoint.CheckpointSave`
-    / `CheckpointRestore` inside an Orbax `ocp.args.Composite`. Process p holds rows
-    [p b, (p + 1) b) of each global batch, which is the same for any process count;
-    the last partial global batch of a finite run (num_epochs set) is dropped.
+    A `grain.DatasetIterator` of dicts of numpy arrays with b = len(rows) rows: 'x'
+    float32 [b, *spec.x_shape] and 'label' int32 [b] (class data, null class =
+    num_classes), or 'txt' float32 [b, L, D], 'txt_mask' bool [b, L], 'pooled' float32
+    [b, P] (text data). Use it with `grain.checkpoint.CheckpointSave` /
+    `CheckpointRestore` inside an Orbax `ocp.args.Composite`. The global batch is the
+    same for any process count; the last partial global batch of a finite run
+    (num_epochs set) is dropped.
 
   Raises:
     ValueError: bad config, a batch not divisible by the process count, too little data.
@@ -198,7 +203,14 @@ def create_train_iterator(
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple "
                      f"of the number of processes ({process_count})")
-  batch_size = global_batch_size // process_count
+  if rows is None:
+    b = global_batch_size // process_count
+    rows = range(process_index * b, (process_index + 1) * b)
+  rows = tuple(sorted(int(r) for r in rows))
+  if not rows or rows[0] < 0 or rows[-1] >= global_batch_size or len(set(rows)) < len(rows):
+    raise ValueError(f"rows must be distinct rows of the global batch of "
+                     f"{global_batch_size}, got {rows}")
+  batch_size = len(rows)
   spec = config_lib.get_data_spec(c)
 
   source = sources.open_source(c, spec, process_index, process_count)
@@ -218,13 +230,12 @@ def create_train_iterator(
         f"one global batch of {global_batch_size} (config.train.global_batch_size)")
   shuffle_seed, augment_seed = _seeds(seed, c.shuffle_seed)
   null_class = spec.num_classes if spec.conditioning == "class" else 0
-  row_offset = process_index * batch_size
   ds = (grain.MapDataset.range(num_batches)
         .map(BatchIndices(count, batch_size, shuffle_seed, bool(c.shuffle),
-                          global_batch_size=global_batch_size, row_offset=row_offset))
+                          global_batch_size=global_batch_size, rows=rows))
         .map(source.load)
         .random_map(Augment(bool(c.hflip), float(c.label_dropout), null_class,
-                            global_batch_size, row_offset),
+                            global_batch_size, rows),
                     seed=augment_seed))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.read_threads,
                                             prefetch_buffer_size=c.prefetch_buffer_size))
@@ -243,10 +254,24 @@ def _mark_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> list[int]:
+  """The rows of a global batch that this process's devices hold under `sharding`.
+
+  `make_global_batch` expects a process's batch to be exactly these rows, in order; so
+  the pipeline loads them (`create_train_iterator(rows=...)`) and the global batch does
+  not depend on how the devices are spread over processes.
+  """
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
+    rows.update(range(*index[0].indices(global_batch_size)))
+  return sorted(rows)
+
+
 def make_global_batch(
     batch: dict[str, np.ndarray],
     mesh: jax.sharding.Mesh,
     batch_axes: Sequence[str] = ("data", "fsdp"),
+    global_batch_size: int | None = None,
 ) -> dict[str, jax.Array]:
   """Assembles every process's batch into global arrays sharded along the batch axis.
 
@@ -255,6 +280,8 @@ def make_global_batch(
     mesh: the device mesh.
     batch_axes: mesh axes the batch axis is split over; axes absent from the mesh are
       ignored (at least one must be present).
+    global_batch_size: rows of the global batch (default: the local rows times the
+      number of processes).
 
   Returns:
     dict of `jax.Array`s of leading size b * jax.process_count(), partitioned as
@@ -273,7 +300,8 @@ def make_global_batch(
 
   def to_global(x: np.ndarray) -> jax.Array:
     x = np.asarray(x)
-    global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    rows = global_batch_size or x.shape[0] * jax.process_count()
+    global_shape = (rows, *x.shape[1:])
     if global_shape[0] % num_shards:
       raise ValueError(f"global batch {global_shape[0]} is not divisible by the "
                        f"{num_shards} shards of mesh axes {axes}")
