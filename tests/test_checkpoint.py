@@ -78,7 +78,7 @@ def test_a_checkpoint_that_fails_read_back_never_rotates_out_the_good_one(tmp_pa
   ckpt = ckpt_lib.Checkpointer(directory, save_every=1, keep=1)
   ckpt.save(1, _state(), None, {"a": 1})
   ckpt.finish()                              # read back, verified
-  monkeypatch.setenv(faults.ENV, "restore_error@2")
+  monkeypatch.setenv(faults.ENV, "readback_error@2")
   ckpt.save(2, _state(), None, {"a": 1})
   with pytest.raises(errors.CheckpointSaveError, match="checkpoint 2 .* does not read back"):
     ckpt.finish()

@@ -173,14 +173,16 @@ def test_sigkill_of_one_process_then_restart_resumes_exactly(tmp_path, reference
       time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)
     procs[1].wait()
-    try:   # process 0 waits for its peer in a collective: a scheduler would kill it too
-      procs[0].wait(10)
-    except subprocess.TimeoutExpired:
-      procs[0].send_signal(signal.SIGKILL)
-      procs[0].wait()
+    # Process 0 now waits for its peer in a collective (JAX's heartbeat would end it after
+    # 100 s); the job scheduler kills the rest of the job.
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait()
   assert procs[1].returncode == -signal.SIGKILL
   assert max(losses(workdir)) < 8
+  # The save of step 4 may not have finished when the process froze: then 2 is the newest.
+  complete = ckpt_lib.restorable_steps(ckpt_lib.checkpoint_dir(str(workdir)))
+  assert complete and complete[-1] in (2, 4)
   with two_processes(workdir, "--config.train.num_steps=8", cache=cache) as procs:
     wait_all(procs, workdir)
-  assert "resuming from step 4" in log_of(workdir, 0)
+  assert f"resuming from step {complete[-1]}" in log_of(workdir, 0)
   assert_same_run(workdir, reference, 8)

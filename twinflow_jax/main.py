@@ -17,6 +17,7 @@ every complete checkpoint kept; 1 an internal error (with its traceback).
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -114,12 +115,29 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(errors.EXIT_USER_ERROR)
 
 
+class _NoLibraryTracebacks(std_logging.Filter):
+  """Keeps the message of Orbax's error logs but drops their tracebacks.
+
+  A failed background save is logged by Orbax with its traceback from several threads;
+  the trainer reports the same failure as one line (path and OS error) and exits.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if f"{os.sep}orbax{os.sep}" in record.pathname and record.exc_info:
+      error = record.exc_info[1]
+      why = f" ({type(error).__name__}: {errors.one_line(error)})" if error else ""
+      record.msg = f"{record.getMessage()}{why}"
+      record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
 def run(config, workdir: str) -> None:
   """Trains; user mistakes and run faults end in one line and exit status 2 / 3."""
   try:
     from twinflow_jax.train import loop  # pylint: disable=g-import-not-at-top
     from twinflow_jax.train import metrics  # pylint: disable=g-import-not-at-top
     metrics.quiet_library_logs()
+    logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
     result = loop.train(config, workdir)
   except errors.UserError as e:
     _fail(e, errors.EXIT_USER_ERROR)

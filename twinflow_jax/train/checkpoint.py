@@ -398,7 +398,7 @@ class Checkpointer:
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except  (a synchronous write failed)
-      raise self._save_error(step, e) from e
+      raise self._save_error(step, e, step) from e
     if saved:
       self._pending, self._pending_record, self._pending_written = step, record, False
       self._target = jax.tree.map(
@@ -406,27 +406,36 @@ class Checkpointer:
       logging.info("checkpoint save started at step %d (%s)", step, self.directory)
     return saved
 
-  def _save_error(self, step: int, error: BaseException) -> errors.CheckpointSaveError:
+  def _save_error(self, step: int, error: BaseException,
+                  noticed: int | None) -> errors.CheckpointSaveError:
     kept = [s for s in self.all_steps() if s != step]
+    when = f" (noticed after step {noticed})" if noticed is not None else ""
     return errors.CheckpointSaveError(
-        f"saving checkpoint {step} to {self.directory / str(step)} failed: "
+        f"saving checkpoint {step} to {self.directory / str(step)} failed{when}: "
         f"{errors.one_line(error)}. The complete checkpoints {kept} are kept; free space "
         f"or fix the storage and rerun the same command to resume")
 
-  def poll(self) -> None:
-    """Raises at once if the pending background save failed (cheap; call every step)."""
+  def poll(self, step: int | None = None) -> None:
+    """Raises at once if the pending background save failed (cheap; call every step).
+
+    Args:
+      step: the step just done (for the message).
+
+    Raises:
+      errors.CheckpointSaveError: naming the checkpoint path and the OS error.
+    """
     if self._pending is None or self._pending_written:
       return
     if self._manager.is_saving_in_progress():
       return
-    self._wait()
+    self._wait(step)
 
-  def _wait(self) -> None:
+  def _wait(self, noticed: int | None = None) -> None:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       step, self._pending = self._pending, None
-      raise self._save_error(step, e) from e
+      raise self._save_error(step, e, noticed) from e
     self._pending_written = True
 
   def finish(self) -> None:
@@ -469,7 +478,7 @@ class Checkpointer:
       target = jax.tree_util.tree_unflatten(
           treedef, [a if i in wanted else ocp.PLACEHOLDER for i, a in enumerate(leaves)])
       try:
-        if faults.active("restore_error", step):
+        if faults.active("readback_error", step):
           raise OSError(errno.EIO, "injected read error", str(step_dir))
         restored = _restore_arrays(step_dir, target)
         ok, why = True, ""

@@ -5,8 +5,9 @@ unset variable changes nothing. Its value is a comma-separated list of `<fault>@
 
   save_enospc@S     the background write of checkpoint S fails with ENOSPC ("No space left
                     on device"), like a full disk, after the arrays were written.
-  restore_error@S   reading checkpoint S fails on this process (set it for one process of
-                    a multi-process run to make the processes disagree).
+  restore_error@S   reading checkpoint S when resuming fails on this process (set it for
+                    one process of a multi-process run to make the processes disagree).
+  readback_error@S  reading checkpoint S back right after saving it fails.
   nan_opt_state@S   after step S the loop puts a NaN into the optimizer state, as a
                     memory fault would.
   hang@S            after step S this process stops responding (it sleeps until killed),
@@ -20,7 +21,7 @@ import sys
 import time
 
 ENV = "TWINFLOW_FAULTS"
-FAULTS = ("save_enospc", "restore_error", "nan_opt_state", "hang")
+FAULTS = ("save_enospc", "restore_error", "readback_error", "nan_opt_state", "hang")
 
 
 def active(name: str, step: int) -> bool:

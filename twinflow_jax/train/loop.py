@@ -400,7 +400,7 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
         if faults.active("nan_opt_state", step):
           state = state.replace(opt_state=_inject_nan(state.opt_state))
         faults.hang_if_requested(step)
-        checkpointer.poll()        # a failed background save stops the run here
+        checkpointer.poll(step)    # a failed background save stops the run here
         skips.push(step, step_metrics)
 
         if step % t.log_every == 0 or step == t.num_steps:
