@@ -132,6 +132,10 @@ def test_data_position_of_another_process_count(tmp_path):
   # A missing file of the same process count is an error naming it.
   with pytest.raises(FileNotFoundError, match="process_2-of-2.json is missing"):
     ckpt_lib._data_state(data_dir, data_dir / "process_2-of-2.json")
+  (data_dir / "process_0-of-3.json").write_text('{"next_ind')    # cut short
+  with pytest.raises(ValueError, match="process_0-of-3.json is unreadable"):
+    ckpt_lib._data_state(data_dir, data_dir / "process_0-of-3.json")
+  (data_dir / "process_0-of-3.json").unlink()
   (data_dir / "process_1-of-2.json").write_text('{"next_index": 6}')
   with pytest.raises(FileNotFoundError, match="process_0-of-1.json is missing"):
     ckpt_lib._data_state(data_dir, data_dir / "process_0-of-1.json")

@@ -100,3 +100,30 @@ def test_documented_data_overrides_reach_the_trainer(tmp_path):
       f"error: config.data.paths pattern {pattern!r} matches nothing; it must match "
       "ArrayRecord files; write records with `python -m twinflow_jax.data.write_arrayrecord`")
   assert "Traceback" not in out.stderr
+
+
+def _cli(*args, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, "-m", "twinflow_jax.main",
+                         f"--workdir={tmp_path / 'w'}", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_config_mistakes_are_one_line_with_the_file_or_field(tmp_path):
+  no_get_config = tmp_path / "mine.py"
+  no_get_config.write_text("x = 1\n")
+  out = _cli(f"--config={no_get_config}", tmp_path=tmp_path)
+  assert out.returncode == 2
+  assert out.stderr == (f"error: config file {no_get_config} defines no get_config(); a "
+                        "config file must define get_config() returning an "
+                        "ml_collections.ConfigDict (see configs/)\n")
+  # Shrinking the toy run below its warm-up names the field (no traceback, status 2).
+  out = _cli(f"--config={ROOT / 'configs/toy2d.py'}", "--config.train.num_steps=50",
+             tmp_path=tmp_path)
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: config.optim.warmup_steps=100 must be below the number of optimizer updates "
+      "(50 = config.train.num_steps 50 / config.optim.accum_steps 1) for "
+      "optim.schedule='warmup_cosine'; lower --config.optim.warmup_steps or use "
+      "--config.optim.schedule=constant")

@@ -22,3 +22,8 @@ def test_no_tensorflow_or_tfds_at_import_time():
   loaded = _modules_after("twinflow_jax.models, twinflow_jax.data, twinflow_jax.train.loop, "
                           "twinflow_jax.main")
   assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
+
+
+def test_error_types_are_light():
+  # Commands import the error types before parsing flags; they pull in nothing heavy.
+  assert _modules_after("twinflow_jax.errors, twinflow_jax.train.faults") == []

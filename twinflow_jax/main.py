@@ -17,6 +17,7 @@ every complete checkpoint kept; 1 an internal error (with its traceback).
 
 from __future__ import annotations
 
+import errno
 import logging as std_logging
 import os
 import sys
@@ -49,6 +50,9 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index in [0, num_processes), with "
     "--coordinator_address.", lower_bound=0)
+
+# OS errors that mean the storage failed (full, over quota, read-only, I/O error).
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 # Environment variables that mean "one of several processes" (see jax._src.clusters).
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri",
@@ -143,6 +147,13 @@ def run(config, workdir: str) -> None:
     _fail(e, errors.EXIT_USER_ERROR)
   except errors.RunError as e:
     _fail(e, errors.EXIT_RUN_ERROR)
+  except OSError as e:
+    if e.errno not in _STORAGE_ERRNOS:
+      raise
+    # A full or failing disk while writing logs, metrics or samples: a fault, not a bug.
+    _fail(errors.RunError(f"writing to {workdir} failed: {errors.one_line(e)}; the "
+                          f"complete checkpoints are kept. Free space or fix the storage "
+                          f"and rerun the same command to resume"), errors.EXIT_RUN_ERROR)
   logging.info("finished at step %d%s", result.step,
                f" (stopped: {result.stopped})" if result.stopped else "")
 

@@ -383,7 +383,7 @@ class Checkpointer:
     """
     if (not force and step % self.save_every) or step in self._manager.all_steps():
       return False
-    self.finish()
+    self.finish(step)
     record = integrity_record(state, step)
     bad = nonfinite_arrays(record)
     if bad:
@@ -438,8 +438,11 @@ class Checkpointer:
       raise self._save_error(step, e, noticed) from e
     self._pending_written = True
 
-  def finish(self) -> None:
+  def finish(self, step: int | None = None) -> None:
     """Waits for the pending save, reads it back and verifies it, then rotates old ones.
+
+    Args:
+      step: the current train step (for the message).
 
     Raises:
       errors.CheckpointSaveError: the save failed or its read-back does not verify (the
@@ -447,17 +450,17 @@ class Checkpointer:
     """
     if self._pending is None:
       return
-    self._wait()
-    step = self._pending
+    self._wait(step)
+    saved = self._pending
     if self.verify_saves:
-      problems = self._verify_written(step)
+      problems = self._verify_written(saved)
       if problems:
         self._pending = None
         raise errors.CheckpointSaveError(
-            f"checkpoint {step} in {self.directory} does not read back as written: "
+            f"checkpoint {saved} in {self.directory} does not read back as written: "
             f"{problems}. The older checkpoints are kept; check the storage")
     self._pending = None
-    self._rotate(newest_good=step)
+    self._rotate(newest_good=saved)
 
   def _verify_written(self, step: int) -> str:
     """Reads checkpoint `step` back in chunks and compares it with its record ('' = ok)."""

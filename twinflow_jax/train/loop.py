@@ -427,7 +427,7 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
                             "steps were skipped", step, stopped, skips.streak)
           else:
             checkpointer.save(step, state, data_iter, config_json, force=True)
-            checkpointer.finish()
+            checkpointer.finish(step)
             logging.warning("stopping at step %d (%s); checkpoint saved", step, stopped)
           break
         if checkpointer.due(step):
@@ -441,7 +441,7 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
       if stopped is None:
         skips.flush()
         checkpointer.save(step, state, data_iter, config_json, force=True)
-        checkpointer.finish()
+        checkpointer.finish(step)
         samples = sampler(_sample_params(state, sample_source), step, text_cond)
         paths = write_samples(workdir, step, samples, writer, is_main, grid_cols)
         if is_main:
