@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from twinflow_jax import data
+from twinflow_jax import errors
 from twinflow_jax.data import arrayrecord_io
 from twinflow_jax.data import image_ops
 from twinflow_jax.data import records
@@ -153,8 +154,10 @@ def test_cli_from_npz_and_npy(tmp_path, capsys):
   assert "config.data.latent_dtype = 'float16'" in capsys.readouterr().out
   back = arrayrecord_io.read_arrays(f"{prefix}-*.array_record")
   np.testing.assert_array_equal(back["latent"], lat["latent"])
-  with pytest.raises(ValueError, match="--label"):
-    write_arrayrecord.main([f"--output={prefix}", f"--latent={tmp_path / 'lat.npy'}"])
+  # A missing input is one line naming the flag, exit status 2, no traceback.
+  assert write_arrayrecord.main([f"--output={prefix}",
+                                 f"--latent={tmp_path / 'lat.npy'}"]) == 2
+  assert capsys.readouterr().err == "error: --kind=latents needs --npz or --label\n"
 
 
 def _write_ppm(path, image):
@@ -214,4 +217,29 @@ def test_mismatched_records_fail_clearly(tmp_path):
     next(it)
   with pytest.raises(FileNotFoundError, match="write_arrayrecord"):
     data.create_train_iterator(_latents_config(str(tmp_path / "missing")),
+                               global_batch_size=4, seed=0)
+
+
+def test_unreadable_files_and_folders_are_named(tmp_path):
+  # Corrupt, cut-short or too-small files and folders: user errors that name the path.
+  prefix = str(tmp_path / "lat")
+  good = arrayrecord_io.write_arrays(prefix, "latents", _latents_arrays())[0]
+  blob = open(good, "rb").read()
+  bad = {"cut": blob[:len(blob) // 2], "tiny": b"xy",
+         "noise": np.random.default_rng(0).bytes(len(blob))}
+  for name, content in bad.items():
+    path = tmp_path / f"{name}.array_record"
+    path.write_bytes(content)
+    c = _latents_config(prefix, paths=[good, str(path)])
+    with pytest.raises(errors.DataError, match=f"cannot read ArrayRecord file {path}"):
+      data.create_train_iterator(c, global_batch_size=4, seed=0)
+    with pytest.raises(errors.DataError, match=f"ArrayRecord file {path}"):
+      arrayrecord_io.read_arrays([str(path)])
+  folder = tmp_path / "shards"
+  folder.mkdir()
+  with pytest.raises(errors.PathError, match=f"names the folder '{folder}'.*{folder}/\\*"):
+    data.create_train_iterator(_latents_config(prefix, paths=str(folder)),
+                               global_batch_size=4, seed=0)
+  with pytest.raises(errors.PathError, match="matches only folders"):
+    data.create_train_iterator(_latents_config(prefix, paths=str(tmp_path / "sh*")),
                                global_batch_size=4, seed=0)

@@ -137,6 +137,26 @@ def test_two_process_shards_of_records(tmp_path):
   np.testing.assert_array_equal(labels, np.array(ids[0]) % 3)
 
 
+@pytest.mark.parametrize("count", [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(count):
+  # Rows of process p are rows [p b, (p + 1) b) of the one-process batch, augmentations
+  # (flips, label drops) included: a multi-host run trains on the same batches.
+  c = _config(source="mnist", image_size=8, hflip=True, label_dropout=0.3)
+  one = _take(data.create_train_iterator(c, global_batch_size=16, seed=5), 3)
+  parts = [_take(data.create_train_iterator(c, global_batch_size=16, seed=5,
+                                            process_index=i, process_count=count), 3)
+           for i in range(count)]
+  for k in range(3):
+    for key in ("x", "label"):
+      np.testing.assert_array_equal(np.concatenate([p[k][key] for p in parts]), one[k][key])
+  # A process whose devices hold scattered rows loads exactly those rows.
+  rows = [1, 5, 6, 12]
+  mine = _take(data.create_train_iterator(c, global_batch_size=16, seed=5, rows=rows,
+                                          process_index=0, process_count=count), 3)
+  for k in range(3):
+    np.testing.assert_array_equal(mine[k]["x"], one[k]["x"][rows])
+
+
 def test_processes_draw_independent_orders_and_augmentations():
   # The bundled MNIST is sorted by class: with one permutation shared by all processes,
   # the two processes would read neighbouring records (same class) at every position.

@@ -97,16 +97,10 @@ def test_tfds_mock_data(name, image_size):
   assert batch["x"].min() >= -1 and batch["x"].max() <= 1
 
 
-def test_tfds_per_process_split_is_disjoint_and_covering():
-  # 13 fake examples in two shards; the fake data_source honours the per-process
-  # split through TFDS's own split arithmetic, so this checks the split we ask for.
+def test_tfds_processes_split_each_global_batch():
+  # 13 fake examples; every process opens the whole split and keeps its rows of each
+  # global batch, so two processes together read exactly the one-process batches.
   n = 13
-  template = tfds.core.ShardedFileTemplate(
-      data_dir="/fake", template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-      dataset_name="cifar10", filetype_suffix="array_record")
-  splits = tfds.core.SplitDict([tfds.core.SplitInfo(
-      name="train", shard_lengths=[7, 6], num_bytes=0, filename_template=template)])
-  shard_starts = [0, 7]
   examples = [{"image": np.full((32, 32, 3), i, np.uint8), "label": np.int64(i % 10)}
               for i in range(n)]
   requested = []
@@ -114,26 +108,22 @@ def test_tfds_per_process_split_is_disjoint_and_covering():
   def fake_data_source(name, *, split, data_dir, download):
     assert (name, download) == ("cifar10", False)
     requested.append(split)
-    ids = []
-    for fi in splits[split].file_instructions:
-      shard = int(fi.filename.rsplit("-", 3)[1])  # ...-0000k-of-00002
-      start = shard_starts[shard] + fi.skip
-      ids.extend(range(start, start + fi.take))
-    return [examples[i] for i in ids]
+    return examples
 
   c = _config(source="tfds", name="cifar10", label_dropout=0.0, num_epochs=1)
-  seen = []
+
+  def ids_of(index, count):
+    it = data.create_train_iterator(c, global_batch_size=6, seed=0,
+                                    process_index=index, process_count=count)
+    return [[int(round((x[0, 0, 0] + 1) * 127.5)) for x in b["x"]] for b in it]
+
   with mock.patch.object(tfds, "data_source", fake_data_source):
-    for index in range(2):
-      it = data.create_train_iterator(c, global_batch_size=6, seed=0,
-                                      process_index=index, process_count=2)
-      ids = [int(round((x[0, 0, 0] + 1) * 127.5)) for b in it for x in b["x"]]
-      seen.append(ids)
-  assert [s.index for s in requested] == [0, 1]
-  assert all(s.count == 2 and s.drop_remainder for s in requested)
-  assert len(seen[0]) == len(seen[1]) == 6
-  assert not set(seen[0]) & set(seen[1])
-  assert len(set(seen[0]) | set(seen[1])) == 12  # All but the one remainder example.
+    one = ids_of(0, 1)
+    two = [ids_of(i, 2) for i in range(2)]
+  assert requested == ["train"] * 3
+  assert len(one) == 2 and all(len(b) == 6 for b in one)   # 12 of 13: last batch dropped
+  assert [a + b for a, b in zip(*two)] == one
+  assert len(set(sum(one, []))) == 12
 
 
 def test_tfds_not_prepared_says_how(tmp_path):

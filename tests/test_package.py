@@ -41,3 +41,8 @@ def test_caption_embedding_imports_neither_torch_nor_tensorflow():
                           "twinflow_jax.models.clip_text, twinflow_jax.models.t5, "
                           "twinflow_jax.models.qwen2_text")
   assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
+
+
+def test_error_types_are_light():
+  # Commands import the error types before parsing flags; they pull in nothing heavy.
+  assert _modules_after("twinflow_jax.errors, twinflow_jax.train.faults") == []

@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from twinflow_jax import errors
 from twinflow_jax.train import loop
 from twinflow_jax.train import metrics
 from twinflow_jax.train import state as state_lib
+from twinflow_jax.train import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 6
@@ -197,8 +199,13 @@ def test_no_restorable_checkpoint_stops_and_keeps_everything(tmp_path):
   workdir = str(tmp_path / "mismatch")
   loop.train(toy_config(), workdir, stop_at_step=3)           # checkpoint at step 2
   before = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  with pytest.raises(RuntimeError, match="nothing was moved"):
+  # The saved config says why at once ...
+  with pytest.raises(errors.ConfigError, match=r"model.hidden: 16 -> 24"):
     loop.train(toy_config(**{"model.hidden": 24}), workdir)
+  # ... and when the change is forced, the state does not fit: stop, move nothing.
+  with pytest.raises(errors.CheckpointRestoreError, match="nothing was moved"):
+    loop.train(toy_config(**{"model.hidden": 24, "train.allow_config_change": True}),
+               workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
   assert metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) == before
 
@@ -307,11 +314,27 @@ def test_non_finite_step_is_skipped_and_counted(default_step):
   state, m = step(state, _batch(setup, 1, nan=True))
   assert not np.isfinite(float(m["loss"]))
   assert int(state.skipped) == 1 and float(m["skipped_steps"]) == 1
+  assert step_lib.describe_skip_reason(int(m["skip_reason"])).startswith("loss, gradient")
   assert int(state.step) == 2
   for name in ("params", "opt_state", "ema", "ema_cmd", "eval_emas"):
     assert_trees_close(getattr(state, name), getattr(before, name), atol=0)
   state, m = step(state, _batch(setup, 2))
   assert np.isfinite(float(m["loss"])) and int(state.skipped) == 1
+
+
+def test_nan_in_optimizer_state_is_caught_by_the_guard(default_step):
+  # The loss and gradient stay finite; the new parameters, moments and the evaluation
+  # EMA (which follows the new parameters) would not.
+  setup, step = default_step
+  state = loop.init_state(setup, 0)
+  state, _ = step(state, _batch(setup, 0))
+  bad = state.replace(opt_state=loop._inject_nan(state.opt_state))
+  before = _copy(bad)
+  state, m = step(bad, _batch(setup, 1))
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+  assert int(m["skip_reason"]) == 4 | 8 | 16 and int(state.skipped) == 1
+  for name in ("params", "ema", "eval_emas"):
+    assert_trees_close(getattr(state, name), getattr(before, name), atol=0)
 
 
 def test_accumulation_updates_params_and_teacher_once_per_cycle():

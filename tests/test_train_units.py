@@ -226,3 +226,22 @@ def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
     assert stop.requested and stop.signal_name == "SIGTERM"
     assert preemption.should_stop(stop, manager=None, step=3, multi_process=False)
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------------------ skips
+
+
+def test_skip_monitor_stops_after_the_limit_naming_the_first_skipped_step():
+  from twinflow_jax import errors
+  from twinflow_jax.train import loop
+  monitor = loop.SkipMonitor(limit=3)
+  reasons = {1: 0, 2: 1 | 2, 3: 0, 4: 8, 5: 8 | 4}
+  for step, reason in reasons.items():
+    monitor.push(step, {"skip_reason": jnp.int32(reason)})
+  monitor.flush()
+  assert monitor.streak == 2 and monitor.first == 4   # step 3 broke the first streak
+  monitor.push(6, {"skip_reason": jnp.int32(1)})
+  with pytest.raises(errors.NonFiniteError, match=r"3 consecutive steps were skipped "
+                     r"\(config.train.max_consecutive_skips=3\), the first at step 4 "
+                     r"\(not finite: new optimizer state\)\. Nothing was saved"):
+    monitor.flush()

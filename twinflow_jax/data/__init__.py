@@ -6,6 +6,7 @@ Entry points for the trainer:
   `create_train_iterator(config.data, global_batch_size=..., seed=...)`: checkpointable
     Grain iterator of per-process numpy batches.
   `make_global_batch(batch, mesh)`: per-process batch -> global sharded jax.Arrays.
+  `process_rows(sharding, global_batch_size)`: the global rows this process loads.
 
 Importing this package does not import TensorFlow or tensorflow_datasets (TFDS is
 imported lazily, only for the 'tfds' source).
@@ -18,6 +19,7 @@ from twinflow_jax.data.config import SOURCES
 from twinflow_jax.data.config import validate_config
 from twinflow_jax.data.pipeline import create_train_iterator
 from twinflow_jax.data.pipeline import make_global_batch
+from twinflow_jax.data.pipeline import process_rows
 from twinflow_jax.data.toy2d import sample_toy2d
 from twinflow_jax.data.toy2d import TOY2D_NAMES
 
@@ -29,6 +31,7 @@ __all__ = [
     "default_config",
     "get_data_spec",
     "make_global_batch",
+    "process_rows",
     "sample_toy2d",
     "validate_config",
 ]

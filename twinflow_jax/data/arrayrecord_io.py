@@ -8,6 +8,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from array_record.python import array_record_module
 
+from twinflow_jax import errors
 from twinflow_jax.data import image_ops
 from twinflow_jax.data import records
 from twinflow_jax.data import sources
@@ -110,18 +111,27 @@ def read_arrays(paths: str | Sequence[str],
   """
   fields: dict[str, list[np.ndarray]] = {}
   for path in sources.expand_paths(paths):
-    reader = array_record_module.ArrayRecordReader(path)
-    try:
-      for i, record in enumerate(reader.read_all()):
-        if spec is None:
-          spec = records.read_header(record, f"record 0 of {path}")
-        for k, v in spec.decode(record, f"record {i} of {path}").items():
-          fields.setdefault(k, []).append(v)
-    finally:
-      reader.close()
+    for i, record in enumerate(_read_all(path)):
+      if spec is None:
+        spec = records.read_header(record, f"record 0 of {path}")
+      for k, v in spec.decode(record, f"record {i} of {path}").items():
+        fields.setdefault(k, []).append(v)
   if not fields:
     raise ValueError(f"no records in {paths}")
   return {k: np.stack(v) for k, v in fields.items()}
+
+
+def _read_all(path: str) -> list[bytes]:
+  """Every record of one file; an unreadable file is a DataError naming it."""
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      return list(reader.read_all())
+    finally:
+      reader.close()
+  except Exception as e:  # pylint: disable=broad-except  (the library names no file)
+    why = errors.one_line(e) if str(e).strip() else "cut short or corrupt"
+    raise errors.DataError(f"cannot read ArrayRecord file {path}: {why}") from e
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,12 +140,15 @@ def read_arrays(paths: str | Sequence[str],
 
 def list_image_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
   """Returns (files, labels, class names) of an image folder, sorted."""
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise errors.PathError(f"{folder!r} is a file; give the image folder "
+                           "(<folder>/<class>/<image>)")
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f"image folder {folder!r} does not exist")
+    raise errors.PathError(f"image folder {folder!r} does not exist")
   classes = sorted(d for d in os.listdir(folder)
                    if os.path.isdir(os.path.join(folder, d)))
   if not classes:
-    raise ValueError(f"{folder!r} has no class subfolders (<folder>/<class>/<image>)")
+    raise errors.DataError(f"{folder!r} has no class subfolders (<folder>/<class>/<image>)")
   files, labels = [], []
   for label, name in enumerate(classes):
     class_dir = os.path.join(folder, name)

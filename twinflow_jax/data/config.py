@@ -8,7 +8,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
+from twinflow_jax import errors
 from twinflow_jax.data import records
 from twinflow_jax.data import toy2d
 
@@ -27,14 +29,15 @@ def default_config() -> ml_collections.ConfigDict:
       by `python -m twinflow_jax.data.write_arrayrecord` (schema: `records.py`).
     name ['']: TFDS dataset name for 'tfds' (e.g. 'cifar10', 'imagenet2012'); the
       distribution for 'toy2d' ('gaussians8', 'checkerboard', 'moons').
-    split ['train']: TFDS split string (e.g. 'train[:90%]'); each process reads
-      `tfds.split_for_jax_process(split, drop_remainder=True)` of it.
+    split ['train']: TFDS split string (e.g. 'train[:90%]'); every process opens all of
+      it and reads its rows of each global batch.
     data_dir [None]: TFDS data directory; None = TFDS default ($TFDS_DATA_DIR or
       ~/tensorflow_datasets).
     image_key ['image'], label_key ['label']: TFDS feature names; label_key '' reads
       the dataset as unconditional (label 0, num_classes 1).
     paths [None]: ArrayRecord files: a list of paths / glob patterns, or one string of
-      comma-separated paths / patterns.
+      comma-separated paths / patterns (on the command line:
+      --config.data.paths='/data/train-*.array_record').
     image_size [32]: side of the square images of 'mnist' and 'tfds'. MNIST digits
       (28 x 28) are zero-padded to 32 x 32, then resized if image_size != 32; TFDS images
       are centre-cropped to a square and resized (antialiased bilinear).
@@ -69,32 +72,34 @@ def default_config() -> ml_collections.ConfigDict:
     read_threads [4], prefetch_buffer_size [8]: Grain read threads and the number of
       batches they prepare ahead (per process, or per worker with worker_count > 0).
   """
+  # Fields without a default are typed placeholders (None until set), so that the command
+  # line can set them: --config.data.num_classes=1000.
   return ml_collections.ConfigDict({
       "source": "mnist",
       "name": "",
       "split": "train",
-      "data_dir": None,
+      "data_dir": config_dict.placeholder(str),
       "image_key": "image",
       "label_key": "label",
-      "paths": None,
+      "paths": config_dict.placeholder(object),
       "image_size": 32,
-      "channels": None,
-      "num_classes": None,
+      "channels": config_dict.placeholder(int),
+      "num_classes": config_dict.placeholder(int),
       "label_dropout": 0.1,
       "hflip": False,
-      "latent_shape": None,
+      "latent_shape": config_dict.placeholder(tuple),
       "latent_dtype": "float32",
       "latent_scale": 1.0,
       "latent_shift": 0.0,
-      "txt_len": None,
-      "txt_dim": None,
-      "pooled_dim": None,
+      "txt_len": config_dict.placeholder(int),
+      "txt_dim": config_dict.placeholder(int),
+      "pooled_dim": config_dict.placeholder(int),
       "txt_dtype": "float32",
       "toy2d_size": 2**20,
       "toy2d_seed": 0,
       "shuffle": True,
-      "shuffle_seed": None,
-      "num_epochs": None,
+      "shuffle_seed": config_dict.placeholder(int),
+      "num_epochs": config_dict.placeholder(int),
       "worker_count": 0,
       "worker_buffer_size": 2,
       "read_threads": 4,
@@ -106,53 +111,65 @@ def validate_config(data_config: ml_collections.ConfigDict | dict[str, Any]) -> 
   """Checks field names and values of a `config.data` section.
 
   Raises:
-    ValueError: naming the first unknown field or invalid value.
+    errors.ConfigError (a ValueError): naming the first unknown field or invalid value.
   """
   known = default_config()
   unknown = sorted(set(data_config.keys()) - set(known.keys()))
   if unknown:
-    raise ValueError(f"unknown config.data fields {unknown}; known: {sorted(known.keys())}")
+    raise errors.ConfigError(f"unknown config.data fields {unknown}; known: "
+                             f"{sorted(known.keys())}")
   c = resolve_config(data_config)
   if c.source not in SOURCES:
-    raise ValueError(f"config.data.source={c.source!r}; choose one of {SOURCES}")
+    raise errors.ConfigError(f"config.data.source={c.source!r}; choose one of {SOURCES}")
   if not 0.0 <= c.label_dropout <= 1.0:
-    raise ValueError(f"config.data.label_dropout={c.label_dropout} must lie in [0, 1]")
+    raise errors.ConfigError(
+        f"config.data.label_dropout={c.label_dropout} must lie in [0, 1]")
   if c.image_size < 1:
-    raise ValueError(f"config.data.image_size={c.image_size} must be positive")
+    raise errors.ConfigError(f"config.data.image_size={c.image_size} must be positive")
   if c.channels is not None and c.channels not in (1, 3):
-    raise ValueError(f"config.data.channels={c.channels} must be None, 1 or 3")
+    raise errors.ConfigError(f"config.data.channels={c.channels} must be None, 1 or 3")
   if c.num_classes is not None and c.num_classes < 1:
-    raise ValueError(f"config.data.num_classes={c.num_classes} must be >= 1")
+    raise errors.ConfigError(f"config.data.num_classes={c.num_classes} must be >= 1")
   if (c.worker_count < 0 or c.worker_buffer_size < 1 or c.read_threads < 1
       or c.prefetch_buffer_size < 1):
-    raise ValueError("config.data.worker_count must be >= 0; worker_buffer_size, "
-                     "read_threads and prefetch_buffer_size >= 1")
+    raise errors.ConfigError("config.data.worker_count must be >= 0; worker_buffer_size, "
+                             "read_threads and prefetch_buffer_size >= 1")
   if c.num_epochs is not None and c.num_epochs < 1:
-    raise ValueError(f"config.data.num_epochs={c.num_epochs} must be None or >= 1")
+    raise errors.ConfigError(
+        f"config.data.num_epochs={c.num_epochs} must be None or >= 1")
   if c.source == "toy2d":
     if c.name not in toy2d.TOY2D_NAMES:
-      raise ValueError(f"config.data.name={c.name!r} for source 'toy2d'; choose one of "
-                       f"{toy2d.TOY2D_NAMES}")
+      raise errors.ConfigError(f"config.data.name={c.name!r} for source 'toy2d'; choose "
+                               f"one of {toy2d.TOY2D_NAMES}")
     if c.hflip:
-      raise ValueError("config.data.hflip is for images; set it False for 'toy2d'")
+      raise errors.ConfigError("config.data.hflip is for images; set it False for 'toy2d'")
     if c.num_classes not in (None, 1):
-      raise ValueError("toy2d data is unconditional: config.data.num_classes must be "
-                       f"None or 1, got {c.num_classes}")
+      raise errors.ConfigError("toy2d data is unconditional: config.data.num_classes must "
+                               f"be None or 1, got {c.num_classes}")
     if c.toy2d_size < 1:
-      raise ValueError(f"config.data.toy2d_size={c.toy2d_size} must be >= 1")
+      raise errors.ConfigError(f"config.data.toy2d_size={c.toy2d_size} must be >= 1")
   if c.source == "mnist" and c.num_classes not in (None, MNIST_NUM_CLASSES):
-    raise ValueError(f"MNIST has 10 classes; config.data.num_classes={c.num_classes}")
+    raise errors.ConfigError(
+        f"MNIST has 10 classes; config.data.num_classes={c.num_classes}")
   if c.source == "tfds" and not c.name:
-    raise ValueError("config.data.name must name the TFDS dataset (e.g. 'cifar10')")
+    raise errors.ConfigError("config.data.name must name the TFDS dataset (e.g. 'cifar10')")
   if c.source.startswith("arrayrecord"):
     if not c.paths:
-      raise ValueError(f"config.data.paths must list the ArrayRecord files of {c.source!r}")
+      raise errors.ConfigError(
+          f"config.data.paths must list the ArrayRecord files of {c.source!r}, e.g. "
+          "--config.data.paths='/data/train-*.array_record'")
+    if not (isinstance(c.paths, str) or (isinstance(c.paths, (list, tuple)) and all(
+        isinstance(p, str) for p in c.paths))):
+      raise errors.ConfigError(
+          f"config.data.paths must be a string of comma-separated paths / patterns or a "
+          f"list of them, got {c.paths!r}")
     if c.source == "arrayrecord_latents" and c.num_classes is None:
-      raise ValueError("config.data.num_classes must be set for 'arrayrecord_latents'")
+      raise errors.ConfigError(
+          "config.data.num_classes must be set for 'arrayrecord_latents'")
     record_spec(c)  # Shape / dtype fields.
     if c.latent_dtype == "uint8" and (c.latent_scale, c.latent_shift) != (1.0, 0.0):
-      raise ValueError("uint8 records hold pixels, mapped to [-1, 1]: leave "
-                       "config.data.latent_scale / latent_shift at 1.0 / 0.0")
+      raise errors.ConfigError("uint8 records hold pixels, mapped to [-1, 1]: leave "
+                               "config.data.latent_scale / latent_shift at 1.0 / 0.0")
 
 
 def resolve_config(data_config) -> ml_collections.ConfigDict:
@@ -160,21 +177,26 @@ def resolve_config(data_config) -> ml_collections.ConfigDict:
   c = default_config()
   with c.unlocked():
     for k, v in dict(data_config).items():
-      c[k] = v
+      try:
+        c[k] = v
+      except TypeError as e:  # a value of another type than the field's placeholder
+        raise errors.ConfigError(f"config.data.{k}={v!r}: {e}") from e
   return c
 
 
 def record_spec(c: ml_collections.ConfigDict) -> records.RecordSpec:
   """The ArrayRecord schema that an 'arrayrecord_*' config expects."""
   if c.source == "arrayrecord_latents":
-    return records.latents_spec(c.latent_shape, c.latent_dtype)
+    with errors.as_config_errors():
+      return records.latents_spec(c.latent_shape, c.latent_dtype)
   if c.source == "arrayrecord_t2i":
     for f in ("txt_len", "txt_dim", "pooled_dim"):
       if c[f] is None:
-        raise ValueError(f"config.data.{f} must be set for 'arrayrecord_t2i'")
-    return records.t2i_spec(c.latent_shape, c.txt_len, c.txt_dim, c.pooled_dim,
-                            c.latent_dtype, c.txt_dtype)
-  raise ValueError(f"source {c.source!r} has no ArrayRecord schema")
+        raise errors.ConfigError(f"config.data.{f} must be set for 'arrayrecord_t2i'")
+    with errors.as_config_errors():
+      return records.t2i_spec(c.latent_shape, c.txt_len, c.txt_dim, c.pooled_dim,
+                              c.latent_dtype, c.txt_dtype)
+  raise errors.ConfigError(f"source {c.source!r} has no ArrayRecord schema")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,14 +260,14 @@ def tfds_info(c: ml_collections.ConfigDict) -> tuple[int, int]:
 
   features = tfds.builder(c.name, data_dir=c.data_dir).info.features
   if c.image_key not in features:
-    raise ValueError(f"TFDS dataset {c.name!r} has no feature {c.image_key!r} "
+    raise errors.ConfigError(f"TFDS dataset {c.name!r} has no feature {c.image_key!r} "
                      f"(features: {list(features.keys())}); set config.data.image_key")
   shape = features[c.image_key].shape
   channels = shape[-1] if len(shape) == 3 and shape[-1] else 3
   if not c.label_key:
     return channels, 1
   if c.label_key not in features or not hasattr(features[c.label_key], "num_classes"):
-    raise ValueError(f"TFDS dataset {c.name!r} has no class label {c.label_key!r} "
+    raise errors.ConfigError(f"TFDS dataset {c.name!r} has no class label {c.label_key!r} "
                      f"(features: {list(features.keys())}); set config.data.label_key "
                      "('' for unconditional)")
   return channels, int(features[c.label_key].num_classes)

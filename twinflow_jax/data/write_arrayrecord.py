@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from twinflow_jax import errors
 from twinflow_jax.data import arrayrecord_io
 from twinflow_jax.data import records
 
@@ -71,6 +72,15 @@ def _load_arrays(args: argparse.Namespace) -> dict[str, np.ndarray]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  try:
+    return _write(args)
+  except (errors.UserError, ValueError, FileNotFoundError) as e:
+    # Mistakes in the inputs: one line naming the file or field, no traceback.
+    print(f"error: {errors.one_line(e)}", file=sys.stderr)
+    return errors.EXIT_USER_ERROR
+
+
+def _write(args: argparse.Namespace) -> int:
   pattern = f"{args.output}-*-of-{args.num_shards:05d}.array_record"
   if args.image_folder:
     paths, classes, n = arrayrecord_io.write_image_folder(

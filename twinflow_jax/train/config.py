@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from twinflow_jax import errors
 from twinflow_jax import losses
 from twinflow_jax.train import step as step_lib
 from twinflow_jax.train.state import eval_ema_name
@@ -63,6 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
       use_tensorboard=True,    # if TensorFlow + tensorboard are installed
       init_from="",            # pretrained directory (models.convert / save_pretrained)
       compilation_cache_dir="",  # persistent XLA cache: restarts skip recompiling
+      # Faults (docs/checkpoints.md):
+      max_consecutive_skips=20,  # stop (exit 3) after this many non-finite steps in a row
+      verify_checkpoints=True,   # read each saved checkpoint back before rotating old ones
+      allow_data_restart=False,  # resume without the data-iterator state (new data order)
+      allow_config_change=False,  # resume although state-relevant fields changed
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -79,33 +85,36 @@ def tf_config(config: Any) -> losses.TwinFlowConfig:
   given = dict(config.loss)
   unknown = sorted(set(given) - fields)
   if unknown:
-    raise ValueError(f"unknown config.loss fields {unknown}; known: {sorted(fields)}")
-  return losses.TwinFlowConfig(**given)
+    raise errors.ConfigError(f"unknown config.loss fields {unknown}; known: {sorted(fields)}")
+  with errors.as_config_errors():
+    return losses.TwinFlowConfig(**given)
 
 
 def _require(ok: bool, field: str, want: str, got: Any) -> None:
   if not ok:
-    raise ValueError(f"config.{field} must be {want}, got {got!r}")
+    raise errors.ConfigError(f"config.{field} must be {want}, got {got!r}")
 
 
 def validate(config: Any) -> None:
-  """Checks the train-owned sections; raises ValueError naming the bad field."""
+  """Checks the train-owned sections; raises errors.ConfigError naming the bad field."""
   known = set(base_config().keys())
   unknown = sorted(set(config.keys()) - known)
   if unknown:
-    raise ValueError(f"unknown config sections {unknown}; known: {sorted(known)}")
+    raise errors.ConfigError(f"unknown config sections {unknown}; known: {sorted(known)}")
   for section in ("train", "optim", "mesh"):
     allowed = set(base_config()[section].keys())
     extra = sorted(set(config[section].keys()) - allowed)
     if extra:
-      raise ValueError(f"unknown config.{section} fields {extra}; known: {sorted(allowed)}")
+      raise errors.ConfigError(
+          f"unknown config.{section} fields {extra}; known: {sorted(allowed)}")
   t = config.train
   _require(isinstance(t.global_batch_size, int) and t.global_batch_size >= 4,
            "train.global_batch_size", "an int >= 4 (TwinFlow splits it into 4 groups)",
            t.global_batch_size)
   for f in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-            "num_samples"):
+            "num_samples", "max_consecutive_skips"):
     _require(isinstance(t[f], int) and t[f] >= 1, f"train.{f}", "an int >= 1", t[f])
+  _check_warmup(config)
   _require(isinstance(t.sample_every, int) and t.sample_every >= 0, "train.sample_every",
            "an int >= 0", t.sample_every)
   _require(t.uncond in step_lib.UNCOND_MODES, "train.uncond",
@@ -120,6 +129,78 @@ def validate(config: Any) -> None:
            f"one of {SAMPLE_FROM} or one of train.eval_ema_decays (as a string)",
            t.sample_from)
   tf_config(config)
+
+
+def _check_warmup(config: Any) -> None:
+  """A warm-up must end before the last update of a cosine schedule (names the fields)."""
+  o = config.optim
+  accum = o.get("accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1:
+    return  # optim.create_optimizer names the field
+  updates = max(config.train.num_steps // accum, 1)
+  warmup = o.get("warmup_steps", 0)
+  if o.get("schedule") == "warmup_cosine" and isinstance(warmup, int) and warmup >= updates:
+    raise errors.ConfigError(
+        f"config.optim.warmup_steps={warmup} must be below the number of optimizer updates "
+        f"({updates} = config.train.num_steps {config.train.num_steps} / "
+        f"config.optim.accum_steps {accum}) for optim.schedule='warmup_cosine'; lower "
+        f"--config.optim.warmup_steps or use --config.optim.schedule=constant")
+
+
+# Fields that may differ between a checkpoint's config and the config that resumes it:
+# they change neither the meaning of the saved state nor the data order. Entries ending in
+# '.*' cover a whole section. Everything else (model, batch size, data source and seeds,
+# loss, optimizer, EMAs, seed) must match unless train.allow_config_change is set.
+RESUME_CHANGEABLE = (
+    "train.num_steps",          # also the length of a cosine LR schedule
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.async_checkpointing", "train.verify_checkpoints",
+    "train.sample_every", "train.sample_presets", "train.num_samples", "train.sample_from",
+    "train.use_tensorboard", "train.init_from", "train.compilation_cache_dir",
+    "train.max_consecutive_skips", "train.allow_data_restart", "train.allow_config_change",
+    "mesh.*",                   # checkpoints restore onto any mesh
+    "eval.*",                   # evaluation settings never touch the train state
+    "model.remat",              # memory only
+    "data.read_threads", "data.prefetch_buffer_size", "data.worker_buffer_size",
+)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _changeable(key: str) -> bool:
+  return any(key == p or (p.endswith(".*") and key.startswith(p[:-1]))
+             for p in RESUME_CHANGEABLE)
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """Fields whose change would silently alter a resumed run, as 'field: saved -> now'.
+
+  Args:
+    saved: the config JSON stored in the checkpoint (`checkpoint.config_to_json`).
+    current: the same for the config that resumes it.
+
+  Returns:
+    One entry per differing field outside `RESUME_CHANGEABLE`, sorted; a field present on
+    one side only shows as '<absent>' on the other.
+  """
+  a, b = _flat(saved), _flat(current)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if _changeable(key):
+      continue
+    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    if va != vb:
+      out.append(f"{key}: {va!r} -> {vb!r}")
+  return out
 
 
 def sample_source(config: Any) -> str | None:

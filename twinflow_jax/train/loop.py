@@ -1,8 +1,10 @@
 """The training loop: build (or restore) the sharded state, compile the step, run, save.
 
 `train(config, workdir)` is the whole program behind `python -m twinflow_jax.main`. It
-resumes from the newest readable checkpoint in `workdir` by itself, so the same command
-is simply rerun after a preemption.
+resumes from the newest checkpoint in `workdir` that restores and verifies, so the same
+command is simply rerun after a preemption. Faults stop it loudly (docs/checkpoints.md):
+a failed save at the next step, `train.max_consecutive_skips` skipped steps in a row, a
+resume whose config differs in a field that matters; every complete checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from twinflow_jax import data as data_lib
+from twinflow_jax import errors
 from twinflow_jax import models
 from twinflow_jax import sampling
 from twinflow_jax.train import checkpoint as ckpt_lib
 from twinflow_jax.train import config as config_lib
+from twinflow_jax.train import faults
 from twinflow_jax.train import images
 from twinflow_jax.train import mesh as mesh_lib
 from twinflow_jax.train import metrics as metrics_lib
@@ -74,22 +78,28 @@ class Setup:
 
 
 def build(config: Any, devices=None) -> Setup:
-  """Validates the config and derives mesh, model, optimizer, shardings and the step."""
-  config_lib.validate(config)
-  tf_config = config_lib.tf_config(config)
-  mesh = mesh_lib.create_mesh(config.mesh, devices)
-  t = config.train
-  mesh_lib.check_batch_size(t.global_batch_size, mesh)
-  rules = mesh_lib.logical_rules(config.mesh.logical_axis_rules,
-                                 models.DEFAULT_LOGICAL_AXIS_RULES)
-  data_spec = data_lib.get_data_spec(config.data)
-  accum = int(config.optim.accum_steps)
-  tx, schedule = optim.create_optimizer(config.optim, t.num_steps)
+  """Validates the config and derives mesh, model, optimizer, shardings and the step.
 
-  model_config = config.model.to_dict()
-  model_fn = lambda rngs: models.create_model(model_config, rngs=rngs)
-  graphdef, abs_params, p_specs = state_lib.param_specs(model_fn, mesh, rules)
-  mesh_lib.check_shardable(abs_params, p_specs, mesh)
+  Raises:
+    errors.UserError: a config value that is invalid or does not fit the devices (every
+      ValueError raised while turning the config into objects is one).
+  """
+  with errors.as_config_errors():
+    config_lib.validate(config)
+    tf_config = config_lib.tf_config(config)
+    mesh = mesh_lib.create_mesh(config.mesh, devices)
+    t = config.train
+    mesh_lib.check_batch_size(t.global_batch_size, mesh)
+    rules = mesh_lib.logical_rules(config.mesh.logical_axis_rules,
+                                   models.DEFAULT_LOGICAL_AXIS_RULES)
+    data_spec = data_lib.get_data_spec(config.data)
+    accum = int(config.optim.accum_steps)
+    tx, schedule = optim.create_optimizer(config.optim, t.num_steps)
+
+    model_config = config.model.to_dict()
+    model_fn = lambda rngs: models.create_model(model_config, rngs=rngs)
+    graphdef, abs_params, p_specs = state_lib.param_specs(model_fn, mesh, rules)
+    mesh_lib.check_shardable(abs_params, p_specs, mesh)
   decays = tuple(float(d) for d in t.eval_ema_decays)
   init_fn = functools.partial(state_lib.init_state, model_fn, tx, eval_ema_decays=decays)
   abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
@@ -171,9 +181,10 @@ def make_sampler(setup: Setup, config: Any) -> Callable[[Any, int], dict[str, np
   else:
     cond = None   # text conditions come from the first batch (see `train`)
     if n > t.global_batch_size and t.sample_every:
-      raise ValueError(f"train.num_samples={n} exceeds train.global_batch_size="
-                       f"{t.global_batch_size}: text-conditional sample grids take their "
-                       "conditions from the first batch")
+      raise errors.ConfigError(
+          f"config.train.num_samples={n} exceeds config.train.global_batch_size="
+          f"{t.global_batch_size}: text-conditional sample grids take their conditions "
+          "from the first batch")
 
   def sample_all(params, key, text_cond):
     k_noise, k_sample = jax.random.split(key)
@@ -222,6 +233,61 @@ def write_samples(workdir: str, step: int, samples: dict[str, np.ndarray], write
   return paths
 
 
+class SkipMonitor:
+  """Counts consecutive skipped steps from the `skip_reason` metric, one step behind.
+
+  Reading the metric of the step before the one just dispatched keeps the device busy;
+  `flush()` reads the newest one too (before a save and at the end).
+  """
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.streak = 0                 # consecutive skipped steps up to the last one read
+    self.first: int | None = None   # first step of the current streak
+    self._first_reason = 0
+    self._queued: tuple[int, jax.Array] | None = None
+
+  def push(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Reads the previously pushed step, then queues `step` (its metrics)."""
+    self.flush()
+    self._queued = (step, metrics["skip_reason"])
+
+  def flush(self) -> None:
+    """Reads the queued step.
+
+    Raises:
+      errors.NonFiniteError: after `limit` consecutive skipped steps.
+    """
+    if self._queued is None:
+      return
+    step, reason = self._queued
+    self._queued = None
+    reason = int(jax.device_get(reason))
+    if not reason:
+      self.streak = 0
+      return
+    if not self.streak:
+      self.first, self._first_reason = step, reason
+      logging.warning("step %d skipped (not finite: %s)", step,
+                      step_lib.describe_skip_reason(reason))
+    self.streak += 1
+    if self.streak >= self.limit:
+      raise errors.NonFiniteError(
+          f"training stopped: {self.streak} consecutive steps were skipped "
+          f"(config.train.max_consecutive_skips={self.limit}), the first at step "
+          f"{self.first} (not finite: {step_lib.describe_skip_reason(self._first_reason)})."
+          f" Nothing was saved from these steps; the checkpoints are kept. Check the data "
+          f"and the learning rate, then rerun to resume")
+
+
+def _inject_nan(tree: Any) -> Any:
+  """`tree` with its first floating-point array set to NaN (fault tests only)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  i = next(i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.inexact))
+  leaves[i] = leaves[i] * jnp.nan
+  return jax.tree.unflatten(treedef, leaves)
+
+
 def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = None,
           stop_at_step: int | None = None, devices=None) -> TrainResult:
   """Trains (or resumes) the run described by `config` in `workdir`.
@@ -236,6 +302,11 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
 
   Returns:
     A TrainResult.
+
+  Raises:
+    errors.UserError: a config, path or data mistake (nothing was written or moved).
+    errors.RunError: a fault stopped the run (failed save, `max_consecutive_skips`
+      skipped steps, no verifiable checkpoint); every complete checkpoint is kept.
   """
   is_main = jax.process_index() == 0
   multi_process = jax.process_count() > 1
@@ -247,17 +318,36 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   config_json = ckpt_lib.config_to_json(config)
 
-  data_iter = data_lib.create_train_iterator(
-      config.data, global_batch_size=t.global_batch_size, seed=config.seed)
+  # Each process loads the rows of the global batch that its devices hold.
+  rows = data_lib.process_rows(mesh_lib.batch_sharding(setup.mesh), t.global_batch_size)
+  with errors.as_config_errors():
+    data_iter = data_lib.create_train_iterator(
+        config.data, global_batch_size=t.global_batch_size, seed=config.seed, rows=rows)
   checkpointer = ckpt_lib.Checkpointer(
       ckpt_lib.checkpoint_dir(workdir), save_every=t.checkpoint_every,
-      keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+      keep=t.keep_checkpoints, async_save=t.async_checkpointing,
+      verify_saves=t.verify_checkpoints)
+
+  def check_config(step: int, saved: dict[str, Any]) -> None:
+    diffs = config_lib.resume_differences(saved, config_json)
+    if diffs and t.allow_config_change:
+      logging.warning("resuming checkpoint %d although these fields changed "
+                      "(train.allow_config_change): %s", step, "; ".join(diffs))
+    elif diffs:
+      raise errors.ConfigError(
+          f"checkpoint {step} in {checkpointer.directory} was saved with another config; "
+          f"these fields differ (saved -> now): {'; '.join(diffs)}. Resuming would "
+          f"silently change the run: restore them, use another --workdir, or pass "
+          f"--config.train.allow_config_change=True to resume anyway")
+
   target = state_lib.abstract_with_shardings(setup.abstract_state, setup.shardings)
-  restored = checkpointer.restore_latest(target, data_iter)
+  restored = checkpointer.restore_latest(target, data_iter, check_config=check_config,
+                                         allow_data_restart=t.allow_data_restart)
   if restored is None:
     state, start_step, resumed_from = init_state(setup, config.seed), 0, None
     if t.init_from:
-      state = load_pretrained_params(setup, state, t.init_from)
+      with errors.as_config_errors("config.train.init_from"):
+        state = load_pretrained_params(setup, state, t.init_from)
       logging.info("initialised parameters and EMA teacher from %s", t.init_from)
   else:
     resumed_from, state = restored
@@ -293,6 +383,7 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   stop_context = (contextlib.nullcontext(stop) if stop is not None else
                   preemption.StopRequest(preemption.default_signals(multi_process)))
   throughput = metrics_lib.Throughput(start_step, t.num_steps, t.global_batch_size)
+  skips = SkipMonitor(t.max_consecutive_skips)
   history: list[dict[str, Any]] = []
   stopped = None
   text_cond = None
@@ -300,11 +391,17 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   try:
     with stop_context as stop:
       while step < t.num_steps:
-        batch = data_lib.make_global_batch(next(data_iter), setup.mesh)
+        batch = data_lib.make_global_batch(next(data_iter), setup.mesh,
+                                           global_batch_size=t.global_batch_size)
         if text_cond is None and setup.data_spec.conditioning == "text":
           text_cond = {k: batch[k][:t.num_samples] for k in ("txt", "txt_mask", "pooled")}
         state, step_metrics = compiled(state, batch)
         step += 1
+        if faults.active("nan_opt_state", step):
+          state = state.replace(opt_state=_inject_nan(state.opt_state))
+        faults.hang_if_requested(step)
+        checkpointer.poll(step)    # a failed background save stops the run here
+        skips.push(step, step_metrics)
 
         if step % t.log_every == 0 or step == t.num_steps:
           scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -324,13 +421,27 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
           break
         if preemption.should_stop(stop, checkpointer.manager, step, multi_process):
           stopped = stop.signal_name or "preemption"
-          checkpointer.save(step, state, data_iter, config_json, force=True)
-          logging.warning("stopping at step %d (%s); checkpoint saved", step, stopped)
+          skips.flush()
+          if skips.streak:   # no checkpoint from a run of skipped steps
+            logging.warning("stopping at step %d (%s) without a checkpoint: the last %d "
+                            "steps were skipped", step, stopped, skips.streak)
+          else:
+            checkpointer.save(step, state, data_iter, config_json, force=True)
+            checkpointer.finish(step)
+            logging.warning("stopping at step %d (%s); checkpoint saved", step, stopped)
           break
-        checkpointer.save(step, state, data_iter, config_json)
+        if checkpointer.due(step):
+          skips.flush()
+          if skips.streak:
+            logging.warning("no checkpoint at step %d: the last %d steps were skipped",
+                            step, skips.streak)
+          else:
+            checkpointer.save(step, state, data_iter, config_json)
 
       if stopped is None:
+        skips.flush()
         checkpointer.save(step, state, data_iter, config_json, force=True)
+        checkpointer.finish(step)
         samples = sampler(_sample_params(state, sample_source), step, text_cond)
         paths = write_samples(workdir, step, samples, writer, is_main, grid_cols)
         if is_main:

@@ -6,6 +6,7 @@ jits it once with explicit shardings and donates the state.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -18,6 +19,24 @@ from twinflow_jax.train.state import TrainState
 
 PyTree = Any
 UNCOND_MODES = ("null", "shuffle", "zeros", "none")
+# Bits of the `skip_reason` metric: what was not finite in a skipped step.
+SKIP_REASONS = {"loss": 1, "gradient": 2, "new parameters": 4, "new optimizer state": 8,
+                "new EMA": 16}
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+  """bool []: every floating-point value in `tree` is finite (integer leaves are)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
+
+
+def describe_skip_reason(reason: int) -> str:
+  """'loss and gradient' for the bits of a `skip_reason` metric."""
+  names = [name for name, bit in SKIP_REASONS.items() if int(reason) & bit]
+  if len(names) > 1:
+    return ", ".join(names[:-1]) + " and " + names[-1]
+  return names[0] if names else "nothing"
 
 
 def make_conditions(batch: dict[str, jax.Array], key: jax.Array, *, num_classes: int,
@@ -71,8 +90,10 @@ def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
   Order within a step (TWINFLOW.md section 2): the EMA teacher is updated first from the
   pre-update parameters (only at the start of an accumulation cycle, i.e. once per
   optimizer update), the loss uses that fresh teacher, then the gradient update; extra
-  evaluation EMAs follow the new parameters. If the loss or the gradient norm is not finite
-  the whole update (parameters, optimizer state, EMAs) is skipped and `skipped` counts it.
+  evaluation EMAs follow the new parameters. If the loss, the gradient norm, or any value
+  of the new parameters, optimizer state or EMAs is not finite, the whole update
+  (parameters, optimizer state, EMAs) is skipped, `skipped` counts it and the metric
+  `skip_reason` says why (a sum of `SKIP_REASONS` bits; 0 = applied).
   """
   emd = float(tf_config.ema_decay)
   ema_names = [(eval_ema_name(d), float(d)) for d in eval_ema_decays]
@@ -105,7 +126,11 @@ def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
         lambda a, p, d=d: jnp.where(applied, a * d + p * (1 - d), a),
         state.eval_emas[name], new_params) for name, d in ema_names}
 
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = (jnp.isfinite(loss), jnp.isfinite(grad_norm), tree_all_finite(new_params),
+              tree_all_finite(new_opt),
+              tree_all_finite((new_ema, new_cmd)) & tree_all_finite(new_eval))
+    ok = functools.reduce(jnp.logical_and, finite)
+    reason = sum(jnp.where(f, 0, bit) for f, bit in zip(finite, SKIP_REASONS.values()))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     new_state = state.replace(
         step=state.step + 1,
@@ -120,6 +145,7 @@ def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
         grad_norm=grad_norm,
         learning_rate=schedule(_update_count(state.opt_state, accum_steps)),
         skipped_steps=new_state.skipped,
+        skip_reason=reason.astype(jnp.int32),
         ema_decay=state.ema_cmd)
     return new_state, metrics
 
