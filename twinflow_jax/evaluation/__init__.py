@@ -1,0 +1,1 @@
+"""Evaluation of generated samples: metrics (FID/IS, offline MNIST and toy metrics)."""
