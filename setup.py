@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["twinflow_jax", "twinflow_jax.*"]),
     include_package_data=True,
-    package_data={"twinflow_jax": ["data/assets/*"]},
+    package_data={"twinflow_jax": ["data/assets/*", "evaluation/assets/*"]},
     install_requires=[
         "jax>=0.10.0,<0.11",
         "flax>=0.12.0,<0.13",

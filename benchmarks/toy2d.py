@@ -26,18 +26,10 @@ from flax import nnx
 
 from twinflow_jax import losses, sampling
 from twinflow_jax.data.toy2d import TOY2D_NAMES, sample_toy2d
+from twinflow_jax.evaluation.toy import sliced_wasserstein
 from twinflow_jax.models.mlp import MLP
 
 METHODS = ("twinflow", "rcgm", "flow_matching")
-
-
-def sliced_wasserstein(a: np.ndarray, b: np.ndarray, n_proj: int = 512, seed: int = 0) -> float:
-  """Sliced 1-Wasserstein distance between two point sets [n, d] (same n)."""
-  rng = np.random.default_rng(seed)
-  dirs = rng.standard_normal((a.shape[1], n_proj))
-  dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
-  pa, pb = np.sort(a @ dirs, axis=0), np.sort(b @ dirs, axis=0)
-  return float(np.mean(np.abs(pa - pb)))
 
 
 def train(method: str, *, dist: str = "gaussians8", steps: int = 4000, batch: int = 256,

@@ -46,3 +46,16 @@ def test_caption_embedding_imports_neither_torch_nor_tensorflow():
 def test_error_types_are_light():
   # Commands import the error types before parsing flags; they pull in nothing heavy.
   assert _modules_after("twinflow_jax.errors, twinflow_jax.train.faults") == []
+
+
+def test_sampling_and_evaluation_modules_stay_light():
+  loaded = _modules_after("twinflow_jax.generate, twinflow_jax.sample, "
+                          "twinflow_jax.train.readonly, twinflow_jax.evaluation.mnist, "
+                          "twinflow_jax.evaluation.toy, twinflow_jax.evaluation.sample_metrics")
+  assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
+
+
+def test_sample_command_help():
+  out = subprocess.run([sys.executable, "-m", "twinflow_jax.sample", "--help"],
+                       capture_output=True, text=True)
+  assert out.returncode == 0 and "--workdir" in out.stdout and "--cfg-scale" in out.stdout

@@ -127,7 +127,10 @@ def sample(apply_fn: ApplyFn, params: PyTree, noise: jax.Array, cond: PyTree,
     noise: initial noise z [B, *S].
     cond: condition pytree with leading axis B (e.g. labels [B]).
     config: a `SamplerConfig` or a preset name.
-    key: PRNG key for the re-injected noise; needed when stochastic_ratio > 0.
+    key: PRNG key for the re-injected noise; needed when stochastic_ratio > 0. Either
+      one key (the noise of step i is drawn for the whole batch from fold_in(key, i)) or
+      one key per sample, a key array [B] (row b's noise of step i comes from
+      fold_in(key[b], i)), so that a sample does not depend on the batch it is in.
     uncond: unconditional condition for classifier-free guidance (needed when
       config.cfg_scale is set); same structure as cond.
 
@@ -141,6 +144,11 @@ def sample(apply_fn: ApplyFn, params: PyTree, noise: jax.Array, cond: PyTree,
     raise ValueError("sample() needs `uncond` when cfg_scale is set")
   if noise.ndim < 2:
     raise ValueError(f"noise must be [B, ...], got shape {noise.shape}")
+  if key is not None and not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)    # raw uint32 key data [..., 2]
+  if key is not None and key.shape not in ((), (noise.shape[0],)):
+    raise ValueError(f"key must be one PRNG key or one per sample [{noise.shape[0]}], got "
+                     f"a key array of shape {key.shape}")
   if key is None:
     key = jax.random.key(0)   # unused: no noise is re-injected
   return _sample(apply_fn, cfg, params, noise, cond, key, uncond)
@@ -173,7 +181,11 @@ def _sample(apply_fn, cfg: SamplerConfig, params, noise, cond, key, uncond):
     x_hat = x - jnp.abs(t) * f
     z_hat = x + (1 - jnp.abs(t)) * f
     if s > 0:
-      eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, ct)
+      if key.ndim:   # one key per sample
+        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:],
+                                                   ct))(key)
+      else:
+        eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, ct)
       z_hat = jnp.sqrt(1 - s) * z_hat + jnp.sqrt(s) * eps
     return ((1 - tn) * x_hat + tn * z_hat, x_hat), None
 

@@ -1,4 +1,4 @@
-"""Sample-quality metrics for twinflow_jax.
+"""Evaluation of generated samples for twinflow_jax.
 
 Inception metrics (FID, Inception Score, improved precision/recall) with the FID
 InceptionV3 of `twinflow_jax.models.inception`; see docs/evaluation.md.
@@ -12,6 +12,8 @@ InceptionV3 of `twinflow_jax.models.inception`; see docs/evaluation.md.
   inception_metrics  all of the above from activations + reference.
   image_sources      arrays, .npz streams, folders, data configs as image sets.
   fid_stats          `python -m twinflow_jax.evaluation.fid_stats`: reference statistics.
+  sample_metrics     metrics of a sample set (class accuracy, diversity) for a run.
+  mnist, toy         offline MNIST classifier metrics; 2-D toy metrics.
 
 Importing this package imports numpy only; import the modules you need.
 """

@@ -1,0 +1,240 @@
+"""Strictly read-only access to a training run: its config and one set of weights.
+
+For sampling and evaluation from a workdir that a trainer may still be writing to, or that
+holds a broken checkpoint: nothing here creates, moves, renames or deletes anything (no
+`CheckpointManager`, which may create directories, and no quarantine of unreadable
+checkpoints as `Checkpointer.restore_latest` does). An unreadable checkpoint is reported
+as `CheckpointReadError` and left as it is.
+
+Only the weights asked for are read (Orbax partial restore of one subtree of the saved
+`TrainState`: `params`, `ema` or `eval_emas/<name>`), directly into the target shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from twinflow_jax.train.state import eval_ema_name
+
+STATE_ITEM = "state"          # the Checkpointer's item names (train/checkpoint.py)
+CONFIG_ITEM = "config"
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint (or the run's config) is missing or cannot be read."""
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in workdir/checkpoints, ascending.
+
+  Orbax writes a checkpoint under a temporary name and renames it to `<step>` when done,
+  so only purely numeric names count (not `<step>.orbax-checkpoint-tmp-*` of a save cut
+  short, nor `<step>.corrupt` set aside by the trainer).
+  """
+  d = checkpoint_dir(workdir)
+  if not d.is_dir():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def read_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The run's config: workdir/config.json, else the one saved with checkpoint `step`.
+
+  Raises:
+    CheckpointReadError: neither exists or parses.
+  """
+  candidates = [epath.Path(workdir) / "config.json"]
+  steps = complete_steps(workdir)
+  if step is not None or steps:
+    s = step if step is not None else steps[-1]
+    candidates.append(checkpoint_dir(workdir) / str(s) / CONFIG_ITEM / "metadata")
+  for path in candidates:
+    if path.is_file():
+      try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+      except (ValueError, TypeError) as e:
+        raise CheckpointReadError(f"the run config {path} cannot be read ({e})") from e
+  raise CheckpointReadError(f"{workdir} holds no run config (config.json); is it the "
+                            "--workdir of a twinflow_jax.main run?")
+
+
+def weights_key(weights: str, eval_ema_decays=()) -> tuple[str, ...]:
+  """User name of a set of weights -> its path in the saved TrainState.
+
+  'ema' (the TwinFlow EMA teacher) -> ('ema',); 'online' or 'params' -> ('params',);
+  'ema_<decay>' (an evaluation EMA, e.g. 'ema_0.9999' or 'ema_0p9999') ->
+  ('eval_emas', 'ema_0p9999').
+
+  Raises:
+    ValueError: an unknown name, or an evaluation EMA the run did not keep.
+  """
+  if weights == "ema":
+    return ("ema",)
+  if weights in ("online", "params"):
+    return ("params",)
+  m = re.fullmatch(r"ema_(\d+(?:[.p]\d*)?)", weights)
+  if not m:
+    raise ValueError(f"unknown weights {weights!r}: use 'ema', 'online' or 'ema_<decay>' "
+                     "(an evaluation EMA of train.eval_ema_decays, e.g. 'ema_0.9999')")
+  name = eval_ema_name(float(m.group(1).replace("p", ".")))
+  kept = [eval_ema_name(float(d)) for d in eval_ema_decays]
+  if name not in kept:
+    have = ", ".join(["ema", "online"] + [k.replace("p", ".") for k in kept])
+    raise ValueError(f"the run keeps no evaluation EMA {weights!r} (train.eval_ema_decays="
+                     f"{list(eval_ema_decays)}); available weights: {have}")
+  return ("eval_emas", name)
+
+
+def verify_checkpoint(step_dir: epath.Path) -> None:
+  """Integrity check of a checkpoint before it is read (the single place for it).
+
+  Today: the state item must exist. Checksum verification, when checkpoints carry
+  checksums, belongs here, so every read-only consumer gets it.
+
+  Raises:
+    CheckpointReadError: the checkpoint is incomplete or fails verification.
+  """
+  if not (step_dir / STATE_ITEM).is_dir():
+    raise CheckpointReadError(f"checkpoint {step_dir} has no '{STATE_ITEM}' item; it is "
+                              "incomplete or not a twinflow_jax checkpoint")
+
+
+def restore_weights(workdir: str, step: int, key: tuple[str, ...], abstract_params: Any
+                    ) -> Any:
+  """Reads one set of weights of checkpoint `step`, read-only, onto the given shardings.
+
+  Args:
+    workdir: the run's --workdir.
+    step: a complete checkpoint step (see `complete_steps`).
+    key: path of the weights in the TrainState, from `weights_key`.
+    abstract_params: tree of `jax.ShapeDtypeStruct` with `sharding` (the model's params).
+
+  Returns:
+    The weights as global jax.Arrays with the target shardings.
+
+  Raises:
+    CheckpointReadError: the checkpoint is incomplete, unreadable or does not match.
+  """
+  step_dir = checkpoint_dir(workdir) / str(step)
+  verify_checkpoint(step_dir)
+  item: dict[str, Any] = abstract_params
+  for k in reversed(key):
+    item = {k: item}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      out = ckptr.restore(step_dir / STATE_ITEM, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    msg = str(e).splitlines()[0] if str(e) else ""
+    raise CheckpointReadError(
+        f"checkpoint {step_dir} cannot be read ({type(e).__name__}: {msg[:200]}); it was "
+        "left as it is") from e
+  for k in key:
+    out = out[k]
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), out)
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params)
+  if got != want:
+    raise CheckpointReadError(f"checkpoint {step_dir} holds weights that do not match the "
+                              "model of the run config")
+  return out
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A run's model and weights, ready for `generate.generate`.
+
+  Attributes:
+    workdir: the run's --workdir.
+    config: its config (from config.json).
+    step: the checkpoint step read.
+    steps: all complete checkpoint steps.
+    spec: the example shape and conditioning (`data.DataSpec`).
+    mesh: the device mesh the weights live on.
+    rules: the model's logical-axis rules.
+    apply_fn: `apply_fn(params, x_t, t, r, cond) -> F`.
+    weights: {name: params} for each name asked for ('ema', 'online', 'ema_<decay>').
+  """
+  workdir: str
+  config: ml_collections.ConfigDict
+  step: int
+  steps: list[int]
+  spec: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple[tuple[str, Any], ...]
+  apply_fn: Callable
+  weights: dict[str, Any]
+
+
+def data_spec_of(config: Any):
+  """The run's example shape and conditioning, without reading any data or metadata."""
+  from twinflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  c = config.data
+  if c.source == "tfds" and (c.get("channels") is None or c.get("num_classes") is None):
+    m = config.model     # no TFDS metadata lookup: the model config knows the shapes
+    return data_config.DataSpec((int(c.image_size), int(c.image_size),
+                                 int(m.get("in_channels", 3))),
+                                int(m.get("num_classes", 1000)), "class")
+  return data_lib.get_data_spec(c)
+
+
+def load_run(workdir: str, step: int | None = None, weights: Sequence[str] = ("ema",),
+             devices: Sequence[jax.Device] | None = None) -> LoadedRun:
+  """Builds a run's model from its config and reads the named weights, read-only.
+
+  The mesh is the run's (config.mesh) when it fits the devices, else every device on
+  'data'; the weights are read straight into their shardings on it.
+
+  Raises:
+    CheckpointReadError: no checkpoint, or the one asked for cannot be read.
+    ValueError: an unknown step or weights name, or a config that does not build here.
+  """
+  from twinflow_jax import generate  # pylint: disable=g-import-not-at-top
+  from twinflow_jax import models  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is not a directory")
+  steps = complete_steps(workdir)
+  if not steps:
+    raise CheckpointReadError(f"{workdir} holds no complete checkpoint (nothing in "
+                              f"{checkpoint_dir(workdir)})")
+  step = steps[-1] if step is None else int(step)
+  if step not in steps:
+    raise ValueError(f"no complete checkpoint of step {step} in {workdir}; available: {steps}")
+  config = read_config(workdir, step)
+  keys = {w: weights_key(w, config.train.get("eval_ema_decays", ())) for w in weights}
+  try:
+    spec = data_spec_of(config)
+    try:
+      mesh = mesh_lib.create_mesh(config.mesh, devices)
+    except ValueError:
+      mesh = (generate.default_mesh() if devices is None else
+              mesh_lib.create_mesh({"data": -1}, devices))
+    rules = mesh_lib.logical_rules(config.mesh.get("logical_axis_rules", ()),
+                                   models.DEFAULT_LOGICAL_AXIS_RULES)
+    model_config = config.model.to_dict()
+    model_fn = lambda rngs: models.create_model(model_config, rngs=rngs)
+    graphdef, abs_params, p_specs = state_lib.param_specs(model_fn, mesh, rules)
+    mesh_lib.check_shardable(abs_params, p_specs, mesh)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"the run config of {workdir} does not build a model here: {e}") from e
+  target = state_lib.abstract_with_shardings(abs_params, mesh_lib.spec_shardings(p_specs, mesh))
+  loaded = {w: restore_weights(workdir, step, k, target) for w, k in keys.items()}
+  return LoadedRun(workdir, config, step, steps, spec, mesh, rules,
+                   state_lib.make_apply_fn(graphdef), loaded)
