@@ -41,3 +41,12 @@ def test_caption_embedding_imports_neither_torch_nor_tensorflow():
                           "twinflow_jax.models.clip_text, twinflow_jax.models.t5, "
                           "twinflow_jax.models.qwen2_text")
   assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
+
+
+def test_vae_and_preparation_modules_stay_light():
+  # The VAE, its diffusers reader and the preparation command import neither torch nor
+  # TensorFlow (TFDS only when a --tfds input is opened; Pillow only to decode images).
+  loaded = _modules_after("twinflow_jax.models.vae, twinflow_jax.models.vae_qwen_image, "
+                          "twinflow_jax.models.convert.diffusers_vae, "
+                          "twinflow_jax.data.prepare, twinflow_jax.data.vae_codec")
+  assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded

@@ -25,6 +25,7 @@ import numpy as np
 
 from twinflow_jax.data import config as config_lib
 from twinflow_jax.data import image_ops
+from twinflow_jax.data import latent_metadata
 from twinflow_jax.data import records
 from twinflow_jax.data import toy2d
 
@@ -261,6 +262,11 @@ def arrayrecord_source(c: ml_collections.ConfigDict) -> Source:
   """Precomputed latent records; checks the first record against the config now."""
   spec = config_lib.record_spec(c)
   paths = expand_paths(c.paths)
+  # Records made by `python -m twinflow_jax.data.prepare` carry a metadata.json: a config
+  # with another latent scale / shift / shape / dtype / kind is refused here.
+  metadata = latent_metadata.find_metadata(paths)
+  if metadata is not None:
+    latent_metadata.check_data_config(c, metadata)
   data = grain.sources.ArrayRecordDataSource(paths)
   if len(data) == 0:
     raise ValueError(f"the ArrayRecord files {paths} hold no records")

@@ -27,6 +27,7 @@ highest matmul precision, so they stay float32 on accelerators too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -464,27 +465,37 @@ def batch_divisor(mesh: jax.sharding.Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in ('data', 'fsdp') if a in mesh.shape]))
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted(method: str, mesh: jax.sharding.Mesh | None, n_out: int) -> Callable:
+  """One jitted `(graphdef, state, x) -> vae.<method>(x)` per method and mesh; the
+  graphdef is static, so VAEs of equal structure share compilations."""
+
+  def run(graphdef, state, x):
+    if mesh is None:
+      return getattr(nnx.merge(graphdef, state), method)(x)
+    with nnx.logical_axis_rules(VAE_LOGICAL_AXIS_RULES):
+      return getattr(nnx.merge(graphdef, state), method)(x)
+
+  if mesh is None:
+    return jax.jit(run, static_argnums=0)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  data = _batch_sharding(mesh)
+  return jax.jit(run, static_argnums=0, in_shardings=(replicated, data),
+                 out_shardings=data if n_out == 1 else (data,) * n_out)
+
+
 def _jit_method(vae: nnx.Module, method: str, mesh: jax.sharding.Mesh | None,
                 n_out: int) -> Callable:
   graphdef, state = nnx.split(vae)
+  fn = _jitted(method, mesh, n_out)
   if mesh is None:
-    fn = jax.jit(lambda s, x: getattr(nnx.merge(graphdef, s), method)(x))
-    return lambda x: fn(state, x)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state = jax.device_put(state, replicated)
+    return lambda x: fn(graphdef, state, x)
+  state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
   data = _batch_sharding(mesh)
-
-  def run(s, x):
-    with nnx.logical_axis_rules(VAE_LOGICAL_AXIS_RULES):
-      return getattr(nnx.merge(graphdef, s), method)(x)
-
-  with jax.set_mesh(mesh):
-    fn = jax.jit(run, in_shardings=(replicated, data),
-                 out_shardings=data if n_out == 1 else (data,) * n_out)
 
   def call(x):
     with jax.set_mesh(mesh):
-      return fn(state, jax.device_put(x, data))
+      return fn(graphdef, state, jax.device_put(x, data))
 
   return call
 

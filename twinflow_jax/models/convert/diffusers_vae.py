@@ -31,6 +31,7 @@ import os
 import struct
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -237,7 +238,8 @@ def load_diffusers_vae(folder: str, *, dtype: str = 'float32',
   graphdef, state = nnx.split(abstract)
   tree = convert_vae_weights(reader, abstract)
   pd = np.dtype(jnp.dtype(param_dtype))
-  arrays = {p: jnp.asarray(v.astype(pd)) for p, v in flatten(tree).items()}
+  # device_put, not jnp.asarray: the latter compiles an identity per shape.
+  arrays = {p: jax.device_put(v.astype(pd)) for p, v in flatten(tree).items()}
   nnx.replace_by_pure_dict(state, unflatten(arrays))
   return nnx.merge(graphdef, state)
 

@@ -1,0 +1,115 @@
+"""Flax VAEs against diffusers (fixtures of tools/make_vae_fixture.py), bf16, sharding."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from twinflow_jax.models import vae as vae_lib
+from twinflow_jax.models.convert import diffusers_vae
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+NAMES = ("vae_sd", "vae_flux", "vae_qwen")
+
+
+def _folder(name):
+  return os.path.join(FIXTURES, name)
+
+
+def _reference(name):
+  with np.load(os.path.join(_folder(name), "reference.npz")) as z:
+    return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_diffusers_float32(name):
+  vae = diffusers_vae.load_diffusers_vae(_folder(name))
+  ref = _reference(name)
+  mean, logvar = vae_lib.make_encode_fn(vae)(ref["images"])
+  decoded = vae_lib.make_decode_fn(vae)(ref["latents"])
+  assert mean.shape == ref["mean"].shape and decoded.shape == ref["decoded"].shape
+  np.testing.assert_allclose(mean, ref["mean"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logvar, ref["logvar"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(decoded, ref["decoded"], atol=1e-4, rtol=0)
+  # The fixture is not degenerate: outputs vary and the decoder is far from zero.
+  assert np.std(ref["mean"]) > 0.05 and np.abs(ref["decoded"]).mean() > 0.1
+
+
+def test_latent_normalization_from_config():
+  configs = {n: diffusers_vae.vae_config_from_diffusers(
+      diffusers_vae.read_vae_config(_folder(n))) for n in NAMES}
+  assert configs["vae_sd"].latent_normalization() == (0.0, 0.18215)
+  assert configs["vae_flux"].latent_normalization() == (0.1159, 0.3611)
+  shift, scale = configs["vae_qwen"].latent_normalization()
+  qwen = json.load(open(os.path.join(_folder("vae_qwen"), "config.json")))
+  np.testing.assert_allclose(shift, qwen["latents_mean"])
+  np.testing.assert_allclose(scale, 1 / np.asarray(qwen["latents_std"]))
+  assert [c.downsample_factor for c in configs.values()] == [2, 4, 4]
+  assert [c.latent_channels for c in configs.values()] == [4, 16, 4]
+
+
+def test_bfloat16_compute_is_finite_and_close():
+  ref = _reference("vae_sd")
+  vae = diffusers_vae.load_diffusers_vae(_folder("vae_sd"), dtype="bfloat16")
+  mean, logvar = vae_lib.make_encode_fn(vae)(ref["images"])
+  decoded = vae_lib.make_decode_fn(vae)(ref["latents"])
+  assert mean.dtype == np.float32  # outputs are returned in float32
+  for got, want in ((mean, ref["mean"]), (logvar, ref["logvar"]),
+                    (decoded, ref["decoded"])):
+    got = np.asarray(got)
+    assert np.isfinite(got).all()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert 0 < err < 0.05, err  # bf16 rounding shows, but stays small
+
+
+def test_sharded_encode_decode_equals_unsharded():
+  assert jax.device_count() == 8
+  vae = diffusers_vae.load_diffusers_vae(_folder("vae_qwen"))
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
+  latents = rng.standard_normal((8, 4, 4, 4)).astype(np.float32)
+  mesh = vae_lib.batch_mesh()
+  assert vae_lib.batch_divisor(mesh) == 8
+  mean, logvar = vae_lib.make_encode_fn(vae, mesh)(images)
+  assert len(mean.sharding.device_set) == 8
+  assert mean.addressable_shards[0].data.shape == (1, 4, 4, 4)
+  want_mean, want_logvar = vae_lib.make_encode_fn(vae)(images)
+  np.testing.assert_allclose(mean, want_mean, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(logvar, want_logvar, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(vae_lib.make_decode_fn(vae, mesh)(latents),
+                             vae_lib.make_decode_fn(vae)(latents), atol=1e-5, rtol=0)
+
+
+def test_folder_errors_name_the_file(tmp_path):
+  with pytest.raises(diffusers_vae.VaeFolderError, match="no config.json"):
+    diffusers_vae.load_diffusers_vae(str(tmp_path))
+  bad = tmp_path / "bad"
+  shutil.copytree(_folder("vae_sd"), bad)
+  config = json.load(open(bad / "config.json"))
+  json.dump({**config, "_class_name": "UNet2DModel"}, open(bad / "config.json", "w"))
+  with pytest.raises(diffusers_vae.VaeFolderError, match="UNet2DModel.*not a supported"):
+    diffusers_vae.load_diffusers_vae(str(bad))
+  json.dump({**config, "latent_channels": 8}, open(bad / "config.json", "w"))
+  with pytest.raises(diffusers_vae.VaeFolderError, match="does not fit"):
+    diffusers_vae.load_diffusers_vae(str(bad))
+  json.dump({**config, "mid_block_add_attention": False}, open(bad / "config.json", "w"))
+  with pytest.raises(diffusers_vae.VaeFolderError, match="unused.*attentions"):
+    diffusers_vae.load_diffusers_vae(str(bad))
+  os.remove(bad / "diffusion_pytorch_model.safetensors")
+  with pytest.raises(diffusers_vae.VaeFolderError, match="neither"):
+    diffusers_vae.load_diffusers_vae(str(bad))
+
+
+def test_bf16_weights_read_as_raw_bytes():
+  reader = diffusers_vae.SafetensorsReader(_folder("vae_flux"))
+  name = "decoder.conv_in.weight"
+  w = reader.get(name)
+  assert w.dtype.name == "bfloat16" and w.shape == reader.shape(name) == (8, 16, 3, 3)
+  assert np.isfinite(w.astype(np.float32)).all() and np.abs(w.astype(np.float32)).max() > 0
+  # The sharded Qwen folder: every indexed tensor reads from its shard.
+  qwen = diffusers_vae.SafetensorsReader(_folder("vae_qwen"))
+  assert len(qwen.files) > 1
+  assert all(qwen.get(n).shape == qwen.shape(n) for n in qwen.names())
