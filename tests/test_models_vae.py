@@ -113,3 +113,20 @@ def test_bf16_weights_read_as_raw_bytes():
   qwen = diffusers_vae.SafetensorsReader(_folder("vae_qwen"))
   assert len(qwen.files) > 1
   assert all(qwen.get(n).shape == qwen.shape(n) for n in qwen.names())
+
+
+def test_export_round_trip_and_chunked_attention(tmp_path, monkeypatch):
+  vae = diffusers_vae.load_diffusers_vae(_folder("vae_sd"))
+  diffusers_vae.save_diffusers_vae(vae, str(tmp_path / "copy"))
+  again = diffusers_vae.load_diffusers_vae(str(tmp_path / "copy"))
+  ref = _reference("vae_sd")
+  want = vae_lib.make_encode_fn(vae)(ref["images"])[0]
+  np.testing.assert_array_equal(vae_lib.make_encode_fn(again)(ref["images"])[0], want)
+  # Queries in chunks (as for large latents) give the same attention.
+  monkeypatch.setattr(vae_lib, "ATTENTION_QUERY_CHUNK", 24)  # 64 tokens: 3 chunks
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, 64, 8)).astype(np.float32) for _ in range(3))
+  chunked = vae_lib.single_head_attention(q, k, v, "xla")
+  monkeypatch.setattr(vae_lib, "ATTENTION_QUERY_CHUNK", 4096)
+  np.testing.assert_allclose(chunked, vae_lib.single_head_attention(q, k, v, "xla"),
+                             atol=1e-6)

@@ -142,12 +142,30 @@ def upsample_nearest_2x(x: jax.Array) -> jax.Array:
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+# Queries per attention call: above this many tokens (e.g. a 128 x 128 latent of a
+# 1024 px image) the queries are processed in chunks, so memory grows as T * chunk
+# instead of T^2. Exact: every chunk sees all keys.
+ATTENTION_QUERY_CHUNK = 4096
+
+
 def single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           impl: str) -> jax.Array:
   """Softmax attention of [B, T, C] queries/keys/values with one head of width C."""
-  out = dot_product_attention(q[:, :, None, :], k[:, :, None, :], v[:, :, None, :],
-                              impl=impl)
-  return out[:, :, 0, :]
+
+  def attend(q_chunk):
+    out = dot_product_attention(q_chunk[:, :, None, :], k[:, :, None, :],
+                                v[:, :, None, :], impl=impl)
+    return out[:, :, 0, :]
+
+  b, t, c = q.shape
+  chunk = ATTENTION_QUERY_CHUNK
+  if t <= chunk:
+    return attend(q)
+  pad = -t % chunk
+  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0))) if pad else q
+  chunks = qp.reshape(b, -1, chunk, c).transpose(1, 0, 2, 3)
+  out = jax.lax.map(attend, chunks).transpose(1, 0, 2, 3).reshape(b, -1, c)
+  return out[:, :t]
 
 
 # ----------------------------------------------------------------------------------------
@@ -421,6 +439,69 @@ class AutoencoderKL(nnx.Module):
     if self.post_quant_conv is not None:
       z = self.post_quant_conv(z)
     return constrain(self.decoder(z), IMAGE_AXES).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Analytic cost.
+
+
+def flops_per_image(config: AutoencoderKLConfig, height: int, width: int,
+                    part: str = 'encoder') -> int:
+  """Matmul / convolution FLOPs (2 per multiply-add) of one image through an
+  `AutoencoderKL` half: every convolution and dense layer, q.k^T and the attention-
+  weighted values; norms, activations and the softmax (elementwise) are left out.
+
+  Args:
+    config: the VAE config (e.g. from `AutoencoderKLConfig.from_diffusers`).
+    height, width: image size (encoder input / decoder output), multiples of the
+      downsampling factor.
+    part: 'encoder' (including quant_conv) or 'decoder' (including post_quant_conv).
+  """
+  f = config.downsample_factor
+  if height % f or width % f:
+    raise ValueError(f'image size {height}x{width} is not a multiple of the VAE\'s '
+                     f'downsampling factor {f}')
+  ch, c = config.block_out_channels, config.latent_channels
+
+  def conv(c_in, c_out, k, pixels):
+    return 2 * k * k * c_in * c_out * pixels
+
+  def resnet(c_in, c_out, pixels):
+    return (conv(c_in, c_out, 3, pixels) + conv(c_out, c_out, 3, pixels)
+            + (conv(c_in, c_out, 1, pixels) if c_in != c_out else 0))
+
+  def mid(width_, pixels):
+    total = 2 * resnet(width_, width_, pixels)
+    if config.mid_block_add_attention:  # 4 projections, q.k^T, p.v
+      total += 4 * 2 * pixels * width_ * width_ + 2 * 2 * pixels * pixels * width_
+    return total
+
+  if part == 'encoder':
+    h, w = height, width
+    total = conv(config.in_channels, ch[0], 3, h * w)
+    for i, c_out in enumerate(ch):
+      c_in = ch[max(i - 1, 0)]
+      for j in range(config.layers_per_block):
+        total += resnet(c_in if j == 0 else c_out, c_out, h * w)
+      if i < len(ch) - 1:
+        h, w = h // 2, w // 2
+        total += conv(c_out, c_out, 3, h * w)
+    total += mid(ch[-1], h * w) + conv(ch[-1], 2 * c, 3, h * w)
+    return total + (conv(2 * c, 2 * c, 1, h * w) if config.use_quant_conv else 0)
+  if part == 'decoder':
+    rev = tuple(reversed(ch))
+    h, w = height // f, width // f
+    total = conv(c, c, 1, h * w) if config.use_post_quant_conv else 0
+    total += conv(c, rev[0], 3, h * w) + mid(rev[0], h * w)
+    for i, c_out in enumerate(rev):
+      c_in = rev[max(i - 1, 0)]
+      for j in range(config.layers_per_block + 1):
+        total += resnet(c_in if j == 0 else c_out, c_out, h * w)
+      if i < len(rev) - 1:
+        h, w = 2 * h, 2 * w
+        total += conv(c_out, c_out, 3, h * w)
+    return total + conv(rev[-1], config.out_channels, 3, h * w)
+  raise ValueError(f"part={part!r}; choose 'encoder' or 'decoder'")
 
 
 # ----------------------------------------------------------------------------------------

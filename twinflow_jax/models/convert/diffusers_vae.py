@@ -25,6 +25,7 @@ layers, inactive on single frames).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -242,6 +243,39 @@ def load_diffusers_vae(folder: str, *, dtype: str = 'float32',
   arrays = {p: jax.device_put(v.astype(pd)) for p, v in flatten(tree).items()}
   nnx.replace_by_pure_dict(state, unflatten(arrays))
   return nnx.merge(graphdef, state)
+
+
+def save_diffusers_vae(vae, folder: str) -> str:
+  """Writes an `AutoencoderKL` as a diffusers folder (config.json + float32 safetensors).
+
+  The inverse of `load_diffusers_vae`, for VAEs made or changed here (benchmarks,
+  tests); diffusers' `AutoencoderKL.from_pretrained(folder)` reads it.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  cfg = vae.config
+  if cfg.kind != 'autoencoder_kl':
+    raise ValueError('save_diffusers_vae writes AutoencoderKL only')
+  n = len(cfg.block_out_channels)
+  config = {'_class_name': 'AutoencoderKL', 'act_fn': 'silu',
+            'down_block_types': ['DownEncoderBlock2D'] * n,
+            'up_block_types': ['UpDecoderBlock2D'] * n}
+  for f in dataclasses.fields(cfg):
+    if f.name not in ('dtype', 'param_dtype', 'attention'):
+      value = getattr(cfg, f.name)
+      config[f.name] = list(value) if isinstance(value, tuple) else value
+  tensors = {}
+  for path, value in flatten(nnx.to_pure_dict(nnx.state(vae, nnx.Param))).items():
+    a = np.asarray(value, np.float32)
+    if a.ndim == 4:
+      a = a.transpose(3, 2, 0, 1)  # [kh, kw, in, out] -> [out, in, kh, kw]
+    elif a.ndim == 2:
+      a = a.T
+    tensors[_torch_name(path, qwen=False)] = np.ascontiguousarray(a)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
+    json.dump(config, f, indent=2)
+  save_file(tensors, os.path.join(folder, WEIGHTS_FILE))
+  return folder
 
 
 def vae_fingerprint(folder: str) -> dict[str, Any]:
