@@ -384,7 +384,8 @@ def _write_shard(k: int, bounds: tuple[int, int], num_shards: int, inputs, args,
   finally:
     writer.close()
   stats = {'shard': k, 'inputs': list(bounds), 'records': counts['records'],
-           'counts': dict(counts), 'converted': dict(converted), 'skipped': skipped}
+           'counts': dict(counts), 'converted': dict(converted), 'skipped': skipped,
+           'fields': [[f.name, f.dtype, list(f.shape)] for f in spec.fields]}
   _write_json(_stats_path(args.output, k), stats)
   os.replace(tmp, path)  # The shard exists only once complete.
 
@@ -548,16 +549,14 @@ def _finalize(args, inputs, ranges, latent_shape, shift, scale, channel_mean, ch
                        f'(first: {shard_path(args.output, missing[0], len(ranges))}); '
                        'rerun the same command (on every process) to finish them')
   counts, converted, skipped = collections.Counter(), collections.Counter(), []
-  txt_shape = None
+  fields = {}
   for k in range(len(ranges)):
     with open(_stats_path(args.output, k)) as f:
       stats = json.load(f)
     counts.update(stats['counts'])
     converted.update(stats['converted'])
     skipped.extend(stats['skipped'])
-  if embed is not None:
-    probe = embed(inputs.items[:1])
-    txt_shape = (probe['txt'].shape[1], probe['txt'].shape[2], probe['pooled'].shape[1])
+    fields = {name: shape for name, _, shape in stats['fields']}
   if counts['records'] == 0:
     raise PrepareError(f'no image of the input could be used ({len(skipped)} skipped, '
                        f'see {os.path.join(args.output, "skipped.txt")})')
@@ -604,8 +603,9 @@ def _finalize(args, inputs, ranges, latent_shape, shift, scale, channel_mean, ch
     metadata['num_classes'] = inputs.num_classes
     metadata['classes_file'] = 'classes.txt' if inputs.class_names else None
   else:
-    metadata.update(txt_len=txt_shape[0], txt_dim=txt_shape[1], pooled_dim=txt_shape[2],
-                    txt_dtype=args.txt_dtype, text=embed.source)
+    metadata.update(txt_len=fields['txt'][0], txt_dim=fields['txt'][1],
+                    pooled_dim=fields['pooled'][0], txt_dtype=args.txt_dtype,
+                    text=embed.source)
   metadata['config_data'] = latent_metadata.config_fields(metadata, args.output)
   latent_metadata.write_metadata(args.output, metadata)
   return metadata
