@@ -62,9 +62,9 @@ def read_metadata(path: str) -> dict[str, Any]:
     metadata = json.loads(p.read_text())
   except ValueError as e:
     raise ValueError(f'{p}: not valid JSON ({e})') from e
-  if not isinstance(metadata, dict) or metadata.get('format') != FORMAT:
-    raise ValueError(f'{p}: format is {metadata.get("format") if isinstance(metadata, dict) else None!r}, '
-                     f'expected {FORMAT!r}')
+  found = metadata.get('format') if isinstance(metadata, dict) else None
+  if found != FORMAT:
+    raise ValueError(f'{p}: format is {found!r}, expected {FORMAT!r}')
   metadata['_path'] = os.fspath(p)
   return metadata
 

@@ -616,8 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from twinflow_jax.models.convert import diffusers_vae  # pylint: disable=g-import-not-at-top
   try:
     if args.distributed != 'off':
-      from twinflow_jax.main import maybe_initialize_distributed  # pylint: disable=g-import-not-at-top
-      maybe_initialize_distributed(args.distributed)
+      from twinflow_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+      main_lib.maybe_initialize_distributed(args.distributed)
     metadata = prepare(args)
   except (PrepareError, prep_inputs.InputError, diffusers_vae.VaeFolderError,
           FileNotFoundError) as e:
