@@ -4,8 +4,6 @@ bad input, captions, decoding (tiny VAEs of tests/fixtures, tiny images)."""
 import json
 import os
 import re
-import sys
-import types
 
 import jax
 import numpy as np
@@ -14,6 +12,7 @@ from PIL import Image
 
 from twinflow_jax import data
 from twinflow_jax.data import arrayrecord_io
+from twinflow_jax.data import captions
 from twinflow_jax.data import latent_metadata
 from twinflow_jax.data import prep_images
 from twinflow_jax.data import prepare
@@ -240,7 +239,7 @@ def _write_jsonl(tmp_path, rng, n=3, bad_line=None):
   return path
 
 
-def test_jsonl_captions_with_qwen_vae(tmp_path, capsys, monkeypatch):
+def test_jsonl_captions_with_qwen_vae(tmp_path, capsys):
   rng = np.random.default_rng(3)
   jsonl = _write_jsonl(tmp_path, rng)
   emb = {"txt": rng.standard_normal((3, 5, 6)).astype(np.float32),
@@ -269,29 +268,30 @@ def test_jsonl_captions_with_qwen_vae(tmp_path, capsys, monkeypatch):
   np.testing.assert_allclose(vae_codec.to_vae_latents(back["latent"][0], meta), z,
                              atol=1e-5)
 
-  # Captions through the hook module (the text-encoder helper's API), and without it.
-  calls = []
-
-  def embed_captions(captions, *, encoder_dir, txt_len):
-    calls.append((list(captions), encoder_dir, txt_len))
-    n = len(captions)
-    return {"txt": np.ones((n, 4, 2)), "txt_mask": np.ones((n, 4), bool),
-            "pooled": np.zeros((n, 3))}
-
-  fake = types.ModuleType("twinflow_jax.data.captions")
-  fake.embed_captions = embed_captions
-  monkeypatch.setitem(sys.modules, "twinflow_jax.data.captions", fake)
+  # Captions embedded by a pipeline's text encoders (tiny Qwen-Image fixture), in JAX.
+  text_dir = os.path.join(FIXTURES, "text_encoders", "qwen_image")
   assert prepare.main([f"--vae={QWEN_VAE}", f"--jsonl={jsonl}", "--image_size=16",
-                       f"--output={tmp_path / 'out2'}", "--text_encoder=/enc",
-                       "--txt_len=4", "--quiet"]) == 0
-  assert ["picture 0", "picture 1", "picture 2"] in [c[0] for c in calls]
-  assert all(c[1:] == ("/enc", 4) for c in calls)
-  assert arrayrecord_io.read_arrays(f"{tmp_path}/out2/records-*.array_record")[
-      "txt"].dtype.name == "bfloat16"
-  monkeypatch.setitem(sys.modules, "twinflow_jax.data.captions", None)
+                       f"--output={tmp_path / 'out2'}", f"--text_encoder={text_dir}",
+                       "--text_family=qwen_image", "--txt_len=10", "--quiet"]) == 0
+  meta2 = latent_metadata.read_metadata(str(tmp_path / "out2"))
+  back2 = arrayrecord_io.read_arrays(os.path.join(tmp_path, "out2", meta2["records"]))
+  encoders = captions.load_text_encoders("qwen_image", text_dir, batch_size=8,
+                                         mesh=captions.local_mesh())  # as prepare
+  want = captions.embed_captions(["picture 0", "picture 1", "picture 2"], "qwen_image",
+                                 encoders, 10)
+  assert back2["txt"].dtype.name == "bfloat16" and back2["txt"].shape[1] == 10
+  np.testing.assert_array_equal(back2["txt_mask"], want["txt_mask"])
+  np.testing.assert_allclose(back2["txt"].astype(np.float32), want["txt"], rtol=1e-2,
+                             atol=1e-2)  # stored as bfloat16
+  np.testing.assert_array_equal(back2["latent"], back["latent"])
   code, err = _run_main([f"--vae={QWEN_VAE}", f"--jsonl={jsonl}", "--image_size=16",
-                         f"--output={tmp_path / 'out3'}", "--text_encoder=/enc"], capsys)
-  assert code == 2 and "--caption_embeddings" in err
+                         f"--output={tmp_path / 'out3'}", f"--text_encoder={text_dir}"],
+                        capsys)
+  assert code == 2 and "--text_family" in err
+  code, err = _run_main([f"--vae={QWEN_VAE}", f"--jsonl={jsonl}", "--image_size=16",
+                         f"--output={tmp_path / 'out3'}", f"--text_encoder={text_dir}",
+                         "--text_family=sd3"], capsys)
+  assert code == 2 and err.startswith("error: --text_encoder") and err.count("\n") == 1
   code, err = _run_main([f"--vae={QWEN_VAE}", f"--jsonl={jsonl}", "--image_size=16",
                          f"--output={tmp_path / 'out3'}"], capsys)
   assert code == 2 and "needs caption embeddings" in err

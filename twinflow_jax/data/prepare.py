@@ -7,11 +7,12 @@ r"""Images (and captions) -> VAE latents in ArrayRecord, with metadata the train
   python -m twinflow_jax.data.prepare --vae=DIR --labels_file=labels.csv --output=OUT
   python -m twinflow_jax.data.prepare --vae=DIR --tfds=imagenet2012 --tfds_split=train \
       --tfds_data_dir=/data/tfds --output=OUT
-  # Text-to-image: a JSONL of {"image": path, "caption": text} per line, with caption
-  # embeddings precomputed in an .npz (txt [N, L, D], txt_mask [N, L], pooled [N, P])
-  # or computed by --text_encoder (twinflow_jax.data.captions):
+  # Text-to-image: a JSONL of {"image": path, "caption": text} per line; captions
+  # embedded by the pipeline's text encoders in JAX (twinflow_jax.data.captions), or
+  # precomputed in an .npz (txt [N, L, D], txt_mask [N, L], pooled [N, P]):
   python -m twinflow_jax.data.prepare --vae=/models/sd3/vae --jsonl=pairs.jsonl \
-      --caption_embeddings=emb.npz --latent_dtype=bfloat16 --output=OUT
+      --text_encoder=/models/sd3 --text_family=sd3 --image_size=512 \
+      --latent_dtype=bfloat16 --output=OUT
 
 What it does (details: docs/data-preparation.md): decodes each image, converts it to
 RGB, centre-crops and resizes it as ADM / DiT do (`prep_images.center_crop_arr`), maps
@@ -84,9 +85,16 @@ def _parser() -> argparse.ArgumentParser:
   g = p.add_argument_group('captions (--jsonl)')
   g.add_argument('--caption_embeddings', help='.npz with txt [N, L, D], txt_mask [N, L], '
                  'pooled [N, P] for the N lines of --jsonl, in order')
-  g.add_argument('--text_encoder', help='text encoder folder for '
-                 'twinflow_jax.data.captions.embed_captions')
-  g.add_argument('--txt_len', type=int, default=None, help='token length for --text_encoder')
+  g.add_argument('--text_encoder', help='diffusers pipeline folder whose text encoders '
+                 '(text_encoder*/, tokenizer*/) embed the captions, in JAX '
+                 '(twinflow_jax.data.captions)')
+  g.add_argument('--text_family', choices=('sd3', 'flux', 'qwen_image'),
+                 help='with --text_encoder: which encoders and conventions')
+  g.add_argument('--txt_len', type=int, default=None,
+                 help='with --text_encoder: T5 tokens (sd3, flux) or prompt tokens '
+                 '(qwen_image); default the pipeline\'s')
+  g.add_argument('--text_dtype', choices=('float32', 'bfloat16'), default='float32',
+                 help='text encoder weights and compute')
   g.add_argument('--txt_dtype', choices=records.EMBEDDING_DTYPES, default='bfloat16')
   g = p.add_argument_group('VAE and output')
   g.add_argument('--vae', required=True, help='diffusers-format VAE folder (config.json + '
@@ -175,19 +183,24 @@ class _CaptionEmbeddings:
                            f'[N, P]; got {txt.shape}, {mask.shape}, {pooled.shape}')
       self.source = {'type': 'npz', 'path': os.path.abspath(path)}
     elif args.text_encoder:
+      if not args.text_family:
+        raise PrepareError('--text_encoder needs --text_family (sd3, flux or qwen_image)')
+      from twinflow_jax.data import captions  # pylint: disable=g-import-not-at-top
       try:
-        from twinflow_jax.data import captions  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise PrepareError(
-            '--text_encoder needs twinflow_jax.data.captions, which this installation '
-            f'lacks ({e}); precompute the embeddings and pass --caption_embeddings') from e
-      self.fn = lambda texts: captions.embed_captions(
-          texts, encoder_dir=args.text_encoder, txt_len=args.txt_len)
+        encoders = captions.load_text_encoders(
+            args.text_family, args.text_encoder, dtype=args.text_dtype,
+            mesh=captions.local_mesh(), batch_size=args.batch_size)
+        encoders.embedding_shapes(args.txt_len)  # checks --txt_len for the family
+      except (ValueError, FileNotFoundError, ImportError) as e:
+        raise PrepareError(f'--text_encoder {args.text_encoder}: {e}') from e
+      self.fn = lambda texts: captions.embed_captions(texts, args.text_family, encoders,
+                                                      args.txt_len)
       self.source = {'type': 'text_encoder', 'path': os.path.abspath(args.text_encoder),
-                     'txt_len': args.txt_len}
+                     'family': args.text_family, 'max_length': args.txt_len,
+                     'dtype': args.text_dtype}
     else:
       raise PrepareError('--jsonl needs caption embeddings: --caption_embeddings=NPZ '
-                         '(precomputed) or --text_encoder=DIR')
+                         '(precomputed) or --text_encoder=PIPELINE_DIR --text_family=...')
 
   def __call__(self, items: Sequence[prep_inputs.Item]) -> dict[str, np.ndarray]:
     if self.npz is not None:
