@@ -26,11 +26,14 @@ setup(
         "tensorflow-datasets>=4.9.8,<5",
         "clu>=0.0.12,<0.1",
         "numpy>=1.26,<3",
+        # Reading diffusers-format VAE weights (numpy backend; no torch).
+        "safetensors>=0.4",
     ],
     extras_require={
         # scipy (also a jax dependency): reference sqrtm in the FID tests. tokenizers: the
-        # caption-embedding tests read the tiny tokenizers of tests/fixtures.
-        "test": ["pytest>=8", "scipy>=1.11", "tokenizers>=0.20"],
+        # caption-embedding tests read the tiny tokenizers of tests/fixtures. Pillow: the
+        # latent-preparation tests decode PNG / JPEG / CMYK images.
+        "test": ["pytest>=8", "scipy>=1.11", "tokenizers>=0.20", "pillow>=10"],
         # Data preparation (python -m twinflow_jax.data.prepare / .captions): text
         # tokenizers (Rust, no torch) and image decoding. The text encoders run in JAX.
         "prep": ["tokenizers>=0.20", "pillow>=10"],

@@ -10,9 +10,12 @@ What it needs:
     (needs torch on that machine only), then `configs/imagenet256_sit_xl2.py:DIR` (or
     --config.train.init_from=DIR). The converter stores time_convention='sit', which
     the model config below must (and does) match.
-  * data: ImageNet latents (SD-VAE ft-EMA, mean of the posterior, unscaled) written as
-    ArrayRecord with `python -m twinflow_jax.data.write_arrayrecord` (schema in
-    `twinflow_jax/data/records.py`); pass the files with --config.data.paths=GLOB.
+  * data: ImageNet latents (SD-VAE ft-EMA, mean of the posterior, unscaled) made with
+        python -m twinflow_jax.data.prepare --vae=sd-vae-ft-ema \\
+            --image_folder=imagenet/train --image_size=256 --output=DIR
+    (or written with `python -m twinflow_jax.data.write_arrayrecord`; schema in
+    `twinflow_jax/data/records.py`); pass the files with --config.data.paths=GLOB. With
+    `prepare --hflip` (mirror images stored as records) set --config.data.hflip=False.
   * memory: SiT-XL/2 is 675M parameters; float32 params + AdamW + EMA = ~11 GB before
     activations, hence FSDP over the host's chips and bfloat16 compute with remat.
 Hyper-parameters: the TwinFlow loss at the official defaults (TWINFLOW.md section 2:

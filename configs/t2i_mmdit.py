@@ -6,7 +6,10 @@ is an SD3-medium-sized MMDiT ('MMDiT-d24/2', ~2B parameters) at 512 px.
 What it needs:
   * data: ArrayRecord files of SD3-VAE latents [64, 64, 16] plus text features: 'txt'
     [txt_len, 4096] (T5-XXL), 'txt_mask' [txt_len], 'pooled' [2048] (CLIP-L + CLIP-G),
-    written with `python -m twinflow_jax.data.write_arrayrecord` (schema in
+    made with `python -m twinflow_jax.data.prepare --vae=SD3/vae --jsonl=PAIRS
+    --text_encoder=SD3 --text_family=sd3 --image_size=512 --latent_dtype=bfloat16
+    --output=DIR` (it prints the config.data fields to use) or written with
+    `python -m twinflow_jax.data.write_arrayrecord` (schema in
     `twinflow_jax/data/records.py`); pass them with --config.data.paths=GLOB. The text
     encoders never run during training.
   * optionally pretrained weights converted to this package's layout

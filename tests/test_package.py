@@ -59,3 +59,12 @@ def test_sample_command_help():
   out = subprocess.run([sys.executable, "-m", "twinflow_jax.sample", "--help"],
                        capture_output=True, text=True)
   assert out.returncode == 0 and "--workdir" in out.stdout and "--cfg-scale" in out.stdout
+
+
+def test_vae_and_preparation_modules_stay_light():
+  # The VAE, its diffusers reader and the preparation command import neither torch nor
+  # TensorFlow (TFDS only when a --tfds input is opened; Pillow only to decode images).
+  loaded = _modules_after("twinflow_jax.models.vae, twinflow_jax.models.vae_qwen_image, "
+                          "twinflow_jax.models.convert.diffusers_vae, "
+                          "twinflow_jax.data.prepare, twinflow_jax.data.vae_codec")
+  assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded

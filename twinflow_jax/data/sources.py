@@ -28,6 +28,7 @@ from array_record.python import array_record_module
 from twinflow_jax import errors
 from twinflow_jax.data import config as config_lib
 from twinflow_jax.data import image_ops
+from twinflow_jax.data import latent_metadata
 from twinflow_jax.data import records
 from twinflow_jax.data import toy2d
 
@@ -338,6 +339,12 @@ def arrayrecord_source(c: ml_collections.ConfigDict) -> Source:
   """Precomputed latent records; checks the first record against the config now."""
   spec = config_lib.record_spec(c)
   paths = expand_paths(c.paths)
+  # Records made by `python -m twinflow_jax.data.prepare` carry a metadata.json: a config
+  # with another latent scale / shift / shape / dtype / kind is refused here.
+  with errors.as_config_errors():
+    metadata = latent_metadata.find_metadata(paths)
+    if metadata is not None:
+      latent_metadata.check_data_config(c, metadata)
   data = open_arrayrecord_files(paths)
   if len(data) == 0:
     raise errors.DataError(f"the ArrayRecord files {paths} hold no records")
