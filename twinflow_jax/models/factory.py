@@ -10,9 +10,19 @@ from flax.core import spmd as core_spmd
 from twinflow_jax.models.configs import (DiTConfig, MMDiTConfig, as_dict,
                                          resolve_config)
 from twinflow_jax.models.dit import DiT
+from twinflow_jax.models.flux import Flux, FluxConfig, resolve_flux_config
 from twinflow_jax.models.mlp import MLP
 from twinflow_jax.models.mmdit import MMDiT
+from twinflow_jax.models.qwen_image import (QwenImage, QwenImageConfig,
+                                            resolve_qwen_image_config)
 from twinflow_jax.models.sharding import DEFAULT_LOGICAL_AXIS_RULES
+
+# Families whose configs are diffusers config.json fields: name -> (resolver,
+# model class).
+DIFFUSERS_FAMILIES = {
+    'flux': (resolve_flux_config, Flux),
+    'qwen_image': (resolve_qwen_image_config, QwenImage),
+}
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any], jax.Array]
 
@@ -36,8 +46,10 @@ def create_model(model_config: Mapping[str, Any] | Any, *,
   is built unsharded. Also works inside `nnx.eval_shape` for abstract models.
 
   Args:
-    model_config: {'name': 'DiT-XL/2' | 'MMDiT-...' | 'mlp', ...overrides};
-      see `configs.py` for the fields.
+    model_config: {'name': 'DiT-XL/2' | 'MMDiT-...' | 'mlp', ...overrides}
+      (see `configs.py`), or {'name': 'flux' | 'qwen_image', ...diffusers
+      config.json fields, ...runtime fields} (see `flux.py`,
+      `qwen_image.py`).
     rngs: parameter RNG streams.
 
   Returns:
@@ -50,6 +62,10 @@ def create_model(model_config: Mapping[str, Any] | Any, *,
   if d.get('name') == 'mlp':
     build = lambda: _create_mlp({k: v for k, v in d.items() if k != 'name'},
                                 rngs)
+  elif d.get('name') in DIFFUSERS_FAMILIES:
+    resolve, family_cls = DIFFUSERS_FAMILIES[d['name']]
+    family_cfg = resolve(d)
+    build = lambda: family_cls(family_cfg, rngs=rngs)
   else:
     cfg = resolve_config(d)
     cls = DiT if isinstance(cfg, DiTConfig) else MMDiT
@@ -63,10 +79,13 @@ def create_model(model_config: Mapping[str, Any] | Any, *,
   return build()
 
 
-def model_config_of(model: nnx.Module) -> DiTConfig | MMDiTConfig | None:
-  """The resolved config of a DiT / MMDiT (None for other models)."""
+def model_config_of(
+    model: nnx.Module
+) -> DiTConfig | MMDiTConfig | FluxConfig | QwenImageConfig | None:
+  """The resolved config of a DiT / MMDiT / Flux / QwenImage (else None)."""
   cfg = getattr(model, 'config', None)
-  return cfg if isinstance(cfg, (DiTConfig, MMDiTConfig)) else None
+  return cfg if isinstance(cfg, (DiTConfig, MMDiTConfig, FluxConfig,
+                                 QwenImageConfig)) else None
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State,
