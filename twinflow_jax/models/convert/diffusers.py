@@ -424,8 +424,9 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None, *,
     if mesh is not None:
       shardings = flatten(nnx.to_pure_dict(
           nnx.get_named_sharding(nnx.state(abstract, nnx.Param), mesh)))
-    else:
-      shardings = {p: None for p in abs_flat}
+    else:  # committed to one device, like the arrays read from the checkpoint
+      one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = {p: one for p in abs_flat}
     targets = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p])
                for p, v in abs_flat.items()}
     fam, cfg = _family_of_model(abstract)
@@ -441,8 +442,6 @@ def _init_subset(make: Callable[[], nnx.Module], paths: list[tuple],
                  targets: Mapping[tuple, Any]) -> dict[tuple, jax.Array]:
   """Initial values of some parameters only, created directly in their shardings."""
   out_sh = tuple(targets[p].sharding for p in paths)
-  if any(s is None for s in out_sh):
-    out_sh = None
 
   def init():
     flat = _flat_params(make())
@@ -494,7 +493,12 @@ def export(model: nnx.Module, out_dir: str, *, dtype: str | None = None,
     shape = tr.source_shape(tuple(arr.shape))
     items.append(TensorOut(key, shape, dt,
                            lambda arr=arr, tr=tr, dt=dt: tr.to_torch(_gather(arr)).astype(dt)))
+  # Buffers (fixed tables) follow the weights' dtype when it is uniform, as in
+  # diffusers' `model.to(dtype)`.
+  dts = {t.dtype for t in items}
+  buf_dtype = out_dtype or (dts.pop() if len(dts) == 1 else np.dtype(np.float32))
   for key, value in fam.buffers(cfg).items():
+    value = value.astype(buf_dtype)
     items.append(TensorOut(key, value.shape, value.dtype, lambda v=value: v))
   items.sort(key=lambda t: t.key)
   if jax.process_index() != 0:
