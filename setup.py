@@ -26,6 +26,8 @@ setup(
         "tensorflow-datasets>=4.9.8,<5",
         "clu>=0.0.12,<0.1",
         "numpy>=1.26,<3",
+        # diffusers-format weights in and out (models/convert/diffusers.py).
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8"],
