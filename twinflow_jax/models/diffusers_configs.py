@@ -30,6 +30,10 @@ def check_runtime_fields(cfg) -> None:
   _check_choice('remat', cfg.remat, REMAT_POLICIES)
   _check_choice('attention', cfg.attention, attention_names())
   _check_choice('r_embedder_init', cfg.r_embedder_init, ('copy', 'small'))
+  check_bool('r_embedder', cfg.r_embedder)
+  if not isinstance(cfg.pretrained, str):
+    raise ValueError("model config field 'pretrained' must be a folder path, got "
+                     f'{cfg.pretrained!r}')
 
 
 def check_rope_axes(cfg) -> None:
@@ -74,7 +78,11 @@ def config_from_dict(cls, d: Mapping[str, Any], family: str):
     base = {k: v for k, v in src.items() if k in cls.DIFFUSERS_FIELDS}
   base.update(d)
   if 'axes_dims_rope' in base:
-    base['axes_dims_rope'] = tuple(base['axes_dims_rope'])
+    axes = base['axes_dims_rope']
+    if not isinstance(axes, (list, tuple)):
+      raise ValueError("model config field 'axes_dims_rope' must be a list of "
+                       f'3 ints, got {axes!r}')
+    base['axes_dims_rope'] = tuple(axes)
   return cls(**base)
 
 

@@ -117,7 +117,6 @@ def resolve_flux_config(model_config: Mapping[str, Any]) -> FluxConfig:
     _check_int('out_channels', cfg.out_channels)
   check_bool('guidance_embeds', cfg.guidance_embeds)
   check_bool('use_txt_mask', cfg.use_txt_mask)
-  check_bool('r_embedder', cfg.r_embedder)
   if not isinstance(cfg.default_guidance, (int, float)):
     raise ValueError("model config field 'default_guidance' must be a number")
   check_rope_axes(cfg)
@@ -291,6 +290,9 @@ class Flux(nnx.Module):
 
 def flops_per_forward(cfg: FluxConfig, b: int, h: int, w: int, lt: int) -> int:
   """Matmul FLOPs of one forward at latent size h x w, text length lt."""
+  if h % 2 or w % 2:
+    raise ValueError(f'flops_per_forward: latent size must be even (2x2 '
+                     f'packing), got {h}x{w}')
   d, m = cfg.hidden_size, cfg.mlp_dim
   ti = (h // 2) * (w // 2)
   n = ti + lt

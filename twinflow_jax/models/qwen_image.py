@@ -120,7 +120,6 @@ def resolve_qwen_image_config(
       raise ValueError(f'model config field {f!r} is true: only the '
                        'text-to-image Qwen-Image (all of '
                        f'{_UNSUPPORTED_SWITCHES} false) is supported')
-  check_bool('r_embedder', cfg.r_embedder)
   check_rope_axes(cfg)
   check_runtime_fields(cfg)
   if cfg.in_channels % 4 or cfg.out_dim != cfg.in_channels:
@@ -238,6 +237,9 @@ class QwenImage(nnx.Module):
 def flops_per_forward(cfg: QwenImageConfig, b: int, h: int, w: int,
                       lt: int) -> int:
   """Matmul FLOPs of one forward at latent size h x w, text length lt."""
+  if h % 2 or w % 2:
+    raise ValueError(f'flops_per_forward: latent size must be even (2x2 '
+                     f'packing), got {h}x{w}')
   d, m = cfg.hidden_size, cfg.mlp_dim
   ti = (h // 2) * (w // 2)
   n = ti + lt

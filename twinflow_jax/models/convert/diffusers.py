@@ -148,6 +148,10 @@ class DiffusersFamily:
       (e.g. fixed position tables that diffusers keeps as persistent buffers).
     check_buffer: (resolved config, reader, key) -> None, called on import for every
       checkpoint key that names a buffer; raises ValueError if it contradicts the model.
+    init_from: (resolved config, parameter path) -> another diffusers key or None. For an
+      optional parameter the checkpoint lacks, the value is read from that key instead
+      when the checkpoint has it (the 'copy' init of the TwinFlow r-embedder: Qwen-Image's
+      official `init_time_embed_2_weights` copies the loaded time embedder).
   """
   name: str
   class_names: tuple[str, ...]
@@ -157,6 +161,7 @@ class DiffusersFamily:
   optional: Callable[[Any, tuple], bool] = lambda cfg, path: False
   buffers: Callable[[Any], dict[str, np.ndarray]] = lambda cfg: {}
   check_buffer: Callable[[Any, SafetensorsFolder, str], None] | None = None
+  init_from: Callable[[Any, tuple], str | None] = lambda cfg, path: None
 
 
 _FAMILIES: dict[str, DiffusersFamily] = {}
@@ -175,6 +180,8 @@ def families() -> dict[str, DiffusersFamily]:
 def _load_builtin_families() -> None:
   # Family modules register themselves on import.
   from twinflow_jax.models.convert import diffusers_sd3  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from twinflow_jax.models.convert import diffusers_flux  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from twinflow_jax.models.convert import diffusers_qwen_image  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 
 def dotted_key(path: tuple, renames: Sequence[tuple[str, str]] = ()) -> tuple[str, str]:
@@ -278,6 +285,8 @@ def _plan(fam: DiffusersFamily, cfg: Any, src: SafetensorsFolder,
   plan, absent, missing, wrong = {}, [], [], []
   for path, target in targets.items():
     key, tr = fam.param_key(cfg, path)
+    if key not in src and fam.optional(cfg, path):
+      key = fam.init_from(cfg, path) or key
     if key not in src:
       if fam.optional(cfg, path):
         absent.append(path)

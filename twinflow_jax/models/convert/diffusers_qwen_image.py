@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from twinflow_jax.models import qwen_image
+from twinflow_jax.models.convert import diffusers as dlib
 
 RENAMES = (
     (r'\.(img_mod|txt_mod)\.proj$', r'.\1.1'),
@@ -26,6 +27,22 @@ RENAMES = (
     (r'\.(img_mlp|txt_mlp)\.fc2$', r'.\1.net.2'),
 )
 R_EMBEDDER = 'time_text_embed_2'
+
+
+def param_key(cfg: qwen_image.QwenImageConfig, path: tuple
+              ) -> tuple[str, dlib.Transform]:
+  """Parameter path -> (diffusers key, layout transform)."""
+  del cfg
+  return dlib.standard_param_key(path, RENAMES)
+
+
+def init_from(cfg: qwen_image.QwenImageConfig, path: tuple) -> str | None:
+  """'copy' init of an absent r-embedder: read the time embedder's tensor."""
+  names = [str(p) for p in path if str(p) != 'base_module']
+  if cfg.r_embedder_init != 'copy' or names[0] != R_EMBEDDER:
+    return None
+  key, _ = param_key(cfg, ('time_text_embed',) + tuple(path[1:]))
+  return key
 
 
 def optional(cfg: qwen_image.QwenImageConfig, path: tuple) -> bool:
@@ -40,3 +57,16 @@ def model_config(dcfg: dict[str, Any]) -> dict[str, Any]:
   out.update({k: dcfg[k] for k in qwen_image.QwenImageConfig.DIFFUSERS_FIELDS
               if k in dcfg})
   return out
+
+
+FAMILY = dlib.DiffusersFamily(
+    name='qwen_image',
+    class_names=('QwenImageTransformer2DModel',
+                 'QwenImageTransformer2DModelWrapper'),
+    model_config=model_config,
+    diffusers_config=lambda cfg: cfg.diffusers_config(),
+    param_key=param_key,
+    optional=optional,
+    init_from=init_from,
+)
+dlib.register_family(FAMILY)
