@@ -4,10 +4,8 @@ Fixtures: tests/fixtures/{flux_dev,flux_schnell,qwen_image}_tiny, written by
 tools/make_flux_qwen_fixture.py (diffusers forwards in float64).
 """
 
-import glob
-import json
 import os
-import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,54 +14,27 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from twinflow_jax.models import MESH_AXES, create_model
-from twinflow_jax.models.convert import diffusers_flux, diffusers_qwen_image
-from twinflow_jax.models.convert.state_dict import read_safetensors
+from twinflow_jax.models import (MESH_AXES, create_model, flops_per_forward,
+                                 load_pretrained)
+from twinflow_jax.models.convert import diffusers as dlib
+from twinflow_jax.models.convert.safetensors_io import (SafetensorsFolder,
+                                                         TensorOut,
+                                                         write_safetensors_folder)
 from twinflow_jax.models.dual_stream import TimeTextEmbed, make_r_embedder
-from twinflow_jax.models.param_tree import flatten, unflatten
+from twinflow_jax.models.param_tree import flatten
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 ATOL = 1e-4
-RENAMES = {'flux': diffusers_flux.RENAMES,
-           'qwen_image': diffusers_qwen_image.RENAMES}
-NAMES = {'flux_dev_tiny': 'flux', 'flux_schnell_tiny': 'flux',
-         'qwen_image_tiny': 'qwen_image'}
-
-
-# TEMPORARY loader until the diffusers framework lands on this branch.
-def _key(path, renames):
-  parts = [str(p) for p in path]
-  module = '.'.join(parts[:-1])
-  for pat, rep in renames:
-    module = re.sub(pat, rep, module)
-  leaf = parts[-1]
-  return f"{module}.{'bias' if leaf == 'bias' else 'weight'}", leaf == 'kernel'
 
 
 def config(fixture, **overrides):
-  with open(os.path.join(FIXTURES, fixture, 'config.json')) as f:
-    dcfg = json.load(f)
-  cfg = dict(name=NAMES[fixture], **{k: v for k, v in dcfg.items()
-                                     if not k.startswith('_')})
-  cfg.update(overrides)
-  return cfg
+  """Our model config dict of a fixture folder (as `load` builds it)."""
+  return dlib.model_config_from_dir(os.path.join(FIXTURES, fixture), overrides)
 
 
-def load(fixture, **overrides):
-  cfg = config(fixture, **overrides)
-  model = nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0)))
-  sd = {}
-  for file in glob.glob(os.path.join(FIXTURES, fixture, '*.safetensors')):
-    sd.update(read_safetensors(file))
-  flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  for path in flat:
-    key, transpose = _key(path, RENAMES[cfg['name']])
-    flat[path] = jnp.asarray(sd.pop(key).T if transpose else sd.pop(key))
-  assert all(k.startswith('time_text_embed_2.') for k in sd), sorted(sd)
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, unflatten(flat))
-  nnx.update(model, state)
-  return model
+def load(fixture, mesh=None, **overrides):
+  """The fixture's diffusers folder through the loader framework."""
+  return dlib.load_model(os.path.join(FIXTURES, fixture), overrides, mesh=mesh)
 
 
 forward = nnx.jit(lambda model, x, t, r, cond: model(x, t, r, cond))
@@ -213,7 +184,6 @@ def test_sharded_forward_equals_single_device(fixture):
   ref = reference(fixture)
   over = {'use_txt_mask': True} if 'flux' in fixture else {}
   single = load(fixture, **over)
-  values = nnx.to_pure_dict(nnx.state(single, nnx.Param))
   b = 8
   x = jnp.tile(jnp.asarray(ref['x']), (4, 1, 1, 1))
   x = x * jnp.repeat(jnp.array([1.0, 0.9, 1.1, 0.8]), 2)[:, None, None, None]
@@ -224,12 +194,8 @@ def test_sharded_forward_equals_single_device(fixture):
           for k, v in cond_of(ref).items()}
   want = forward(single, x, t, r, cond)
   close(want[:2], ref['out_masked' if 'flux' in fixture else 'out_twin'])
+  sharded = load(fixture, mesh=mesh, **over)
   with jax.set_mesh(mesh):
-    sharded = create_model(config(fixture, **over), rngs=nnx.Rngs(1))
-    state = nnx.state(sharded, nnx.Param)
-    nnx.replace_by_pure_dict(state, values, replace_fn=lambda var, v: var.replace(
-        jax.device_put(v, var[...].sharding)))
-    nnx.update(sharded, state)
     q = sharded.transformer_blocks[0].attn.to_q.kernel[...]
     assert q.sharding.spec == P('fsdp', 'tensor')
     args = jax.device_put((x, t, r, cond),
@@ -238,3 +204,105 @@ def test_sharded_forward_equals_single_device(fixture):
   assert float(jnp.abs(want[2:] - want[:2].repeat(3, 0)).mean()) > 1e-2
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5,
                              rtol=1e-5)
+
+
+def params(model):
+  return {p: np.asarray(v) for p, v in flatten(nnx.to_pure_dict(
+      nnx.state(model, nnx.Param))).items()}
+
+
+def tensors(folder):
+  with SafetensorsFolder(folder) as src:
+    return {k: src.read(k) for k in src.keys()}
+
+
+@pytest.mark.parametrize('fixture', ['flux_dev_tiny', 'flux_schnell_tiny',
+                                     'qwen_image_tiny'])
+def test_export_round_trip(tmp_path, fixture):
+  """diffusers folder -> model -> diffusers folder: same keys (incl. the
+  r-embedder under time_text_embed_2.*), values and config."""
+  folder = os.path.join(FIXTURES, fixture)
+  model = load(fixture)
+  out = str(tmp_path / 'out')
+  names = dlib.export(model, out, max_shard_bytes=200_000)
+  assert len(names) > 2  # shards + index + config.json
+  src, got = tensors(folder), tensors(out)
+  assert sorted(got) == sorted(src)
+  assert any(k.startswith('time_text_embed_2.timestep_embedder.') for k in got)
+  for k, v in src.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  want, have = dlib.read_config(folder), dlib.read_config(out)
+  assert have['_class_name'] == want['_class_name']
+  assert {k: v for k, v in have.items() if not k.startswith('_')} == {
+      k: v for k, v in want.items() if not k.startswith('_')}
+  again = params(dlib.load_model(out))
+  for p, v in params(model).items():
+    np.testing.assert_array_equal(again[p], v)
+
+
+@pytest.mark.parametrize('fixture', ['flux_schnell_tiny', 'qwen_image_tiny'])
+def test_base_checkpoint_r_embedder_init(tmp_path, fixture):
+  """A checkpoint without time_text_embed_2 (the released base model): 'copy'
+  takes the checkpoint's time embedder (official Qwen-Image init), 'small'
+  draws N(0, 0.02^2); filling an existing sharded model does the same."""
+  base = str(tmp_path / 'base')
+  src = tensors(os.path.join(FIXTURES, fixture))
+  items = [TensorOut(k, v.shape, v.dtype, lambda v=v: v)
+           for k, v in sorted(src.items())
+           if not k.startswith('time_text_embed_2.')]
+  write_safetensors_folder(base, items)
+  shutil.copy(os.path.join(FIXTURES, fixture, 'config.json'), base)
+  model = dlib.load_model(base)
+  got = params(model)
+  for (name, layer, leaf), v in [
+      (p[1:], v) for p, v in got.items() if p[0] == 'time_text_embed_2']:
+    np.testing.assert_array_equal(v, got[('time_text_embed', name, layer,
+                                          leaf)])
+  small = params(dlib.load_model(base, {'r_embedder_init': 'small'}, seed=2))
+  k = small[('time_text_embed_2', 'timestep_embedder', 'linear_1', 'kernel')]
+  assert 0.015 < float(np.std(k)) < 0.025
+  assert not small[('time_text_embed_2', 'timestep_embedder', 'linear_1',
+                    'bias')].any()
+  # The trainer's init_from route: load_pretrained into a sharded model.
+  mesh = jax.make_mesh((1, 2, 1), MESH_AXES, devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  target = dlib.load_model(os.path.join(FIXTURES, fixture), mesh=mesh)
+  load_pretrained(target, base)
+  for p, v in params(target).items():
+    np.testing.assert_array_equal(v, got[p], err_msg=str(p))
+
+
+def test_flops():
+  # 1024 px: 64x64 packed tokens (4096) + 512 text tokens, width 3072; per token
+  # and block 12 d^2 multiply-adds (double: each stream its own q/k/v/out/MLP;
+  # single: q/k/v + proj_mlp (4d) + proj_out (5d)) + attention 4 n^2 d.
+  n, d = 4096 + 512, 3072
+  per_block = 2 * 12 * d * d * n + 4 * n * n * d
+  flux = flops_per_forward({'name': 'flux', 'guidance_embeds': True}, 1, 128,
+                           txt_len=512)
+  assert abs(flux / (57 * per_block) - 1) < 0.01
+  qwen = flops_per_forward({'name': 'qwen_image'}, 1, 128, txt_len=512)
+  assert abs(qwen / (60 * per_block) - 1) < 0.01
+  tiny = {'name': 'qwen_image', 'pretrained': os.path.join(FIXTURES,
+                                                           'qwen_image_tiny')}
+  assert flops_per_forward(tiny, 2, (10, 12), txt_len=8) > flops_per_forward(
+      tiny, 2, (10, 12), txt_len=7) > 0
+  with pytest.raises(ValueError, match='even'):
+    flops_per_forward({'name': 'flux'}, 1, (9, 12), txt_len=4)
+
+
+def test_config_errors_name_the_field():
+  qwen = config('qwen_image_tiny')
+  cases = [
+      (dict(qwen, zero_cond_t=True), 'zero_cond_t'),
+      (dict(qwen, axes_dims_rope=[4, 6, 8]), 'axes_dims_rope'),
+      (dict(qwen, out_channels=8), 'in_channels'),
+      (dict(qwen, num_single_layers=1), 'num_single_layers'),  # Flux-only
+      (dict(config('flux_dev_tiny'), in_channels=384, out_channels=64),
+       'in_channels'),  # Flux.1-Fill
+      (dict(config('flux_dev_tiny'), use_txt_mask=1), 'use_txt_mask'),
+      (dict(config('flux_dev_tiny'), r_embedder='yes'), 'r_embedder'),
+  ]
+  for cfg, field in cases:
+    with pytest.raises(ValueError, match=field):
+      create_model(cfg, rngs=nnx.Rngs(0))
