@@ -4,6 +4,7 @@ Uses the tiny SD3 fixtures of tools/make_pretrained_fixture.py; no forward passe
 numerics are in test_models_sd3.py), so no compile beyond small jitted inits.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -227,3 +228,57 @@ def test_cli_import_and_export(tmp_path, capsys, monkeypatch):
   assert 'no checkpoints/' in capsys.readouterr().err
   assert convert.main(['diffusers-import', '--src', BF16, '--out', orbax_dir]) == 1
   assert 'already holds' in capsys.readouterr().err
+
+
+def t2i_config(model):
+  """configs/t2i_mmdit.py with the tiny SD3 fixture's shapes on a (2, 2, 2) mesh."""
+  spec = importlib.util.spec_from_file_location('t2i_cfg', os.path.join(
+      os.path.dirname(__file__), '..', 'configs', 't2i_mmdit.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model = model
+  c.data.paths = '/data/train-00000-of-00001.arrayrecord'  # only validated
+  c.data.latent_shape, c.data.txt_len, c.data.txt_dim, c.data.pooled_dim = (8, 12, 4), 7, 24, 16
+  c.train.global_batch_size = 8
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  return c
+
+
+def test_trainer_init_from_diffusers_folder_and_export_from_run(tmp_path, monkeypatch):
+  from twinflow_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import loop  # pylint: disable=g-import-not-at-top
+  cfg = t2i_config({'name': 'sd3', 'pretrained': LARGE, 'dtype': 'float32'})
+  setup = loop.build(cfg)
+  state = loop.init_state(setup, 0)
+  state = loop.load_pretrained_params(setup, state, LARGE)  # what train.init_from runs
+  ref = params(dlib.load_model(LARGE))
+  got, ema = flatten(state.params), flatten(state.ema)
+  for p, v in ref.items():
+    key = tuple(str(k) for k in p)
+    q = next(k for k in got if tuple(map(str, k)) == key)
+    np.testing.assert_array_equal(np.asarray(got[q]), v)
+    np.testing.assert_array_equal(np.asarray(ema[q]), v)
+  # A run's checkpoint exports its EMA teacher (default) or its online weights.
+  workdir = str(tmp_path / 'run')
+  state = state.replace(ema=jax.tree.map(lambda a: 2 * a, state.ema))
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), save_every=1, keep=1,
+                               async_save=False)
+  ckpt.save(3, state, None, ckpt_lib.config_to_json(cfg), force=True)
+  ckpt.close()
+  monkeypatch.setattr(cli, '_fsdp_mesh', lambda: jax.make_mesh(
+      (1, 2, 1), MESH_AXES, devices=jax.devices()[:2],
+      axis_types=(jax.sharding.AxisType.Auto,) * 3))
+  for weights, factor in (('ema', 2), ('params', 1)):
+    out = str(tmp_path / weights)
+    assert convert.main(['diffusers-export', '--src', workdir, '--out', out,
+                         '--weights', weights]) == 0
+    src, exported = tensors(LARGE), tensors(out)
+    assert set(exported) == set(src)
+    for k in ('transformer_blocks.2.attn.add_q_proj.weight',
+              'time_text_embed_2.text_embedder.linear_1.bias', 'pos_embed.proj.weight'):
+      np.testing.assert_array_equal(exported[k], factor * src[k])
+  assert convert.main(['diffusers-export', '--src', workdir, '--out',
+                       str(tmp_path / 'x'), '--weights', 'nope']) == 1
+  assert convert.main(['diffusers-export', '--src', workdir, '--out',
+                       str(tmp_path / 'y'), '--step', '7']) == 1

@@ -511,5 +511,6 @@ def flops_per_forward(cfg: SD3Config, b: int, h: int, w: int, lt: int) -> int:
 
 def num_params(cfg: SD3Config) -> int:
   """Parameter count (from the abstract model, no allocation)."""
-  model = nnx.eval_shape(lambda: SD3Transformer(cfg, rngs=nnx.Rngs(0)))
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: SD3Transformer(cfg, rngs=nnx.Rngs(0)))
   return sum(math.prod(a.shape) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))

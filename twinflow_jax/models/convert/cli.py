@@ -40,7 +40,9 @@ from twinflow_jax.models.pretrained import save_pretrained
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog='python -m twinflow_jax.models.convert',
-      description='Convert a DiT/SiT PyTorch checkpoint for twinflow_jax.')
+      description='Convert a DiT/SiT PyTorch checkpoint for twinflow_jax.',
+      epilog='diffusers models (SD3 / SD3.5): see `python -m twinflow_jax.models.convert '
+      'diffusers-import --help` and `... diffusers-export --help`.')
   p.add_argument('--src', required=True,
                  help='.pt/.pth/.bin, .safetensors or .npz state dict')
   p.add_argument('--model', required=True, help="e.g. 'DiT-XL/2'")
@@ -213,14 +215,22 @@ def _model_from_run(workdir: str, weights: str, step: int | None):
       **{ckpt_lib.CONFIG: ocp.args.JsonRestore()}))[ckpt_lib.CONFIG]
   model = _abstract_on_mesh(config['model'], _fsdp_mesh())
   targets = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  item = {weights: unflatten({tuple(str(k) for k in p): v for p, v in targets.items()})}
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        ckpt_lib.STATE: ocp.args.PyTreeRestore(item=item, partial_restore=True)}))
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"--weights {weights!r}: not restorable from step {step} of "
-                     f"{workdir} ({e}); use 'ema', 'params' or an eval EMA name") from e
-  values = flatten(restored[ckpt_lib.STATE][weights])
+  saved = ocp.StandardCheckpointer().metadata(
+      os.path.join(ckpt_dir, str(step), ckpt_lib.STATE)).item_metadata.tree
+  names = sorted(k for k, v in saved.items() if k != 'opt_state' and isinstance(v, dict))
+  if 'eval_emas' in saved:
+    names = sorted(set(names) - {'eval_emas'} | set(saved['eval_emas']))
+  if weights not in names:
+    raise ValueError(f'--weights {weights!r} is not in the checkpoint of step {step} of '
+                     f'{workdir}; it holds {names}')
+  tree = unflatten({tuple(str(k) for k in p): v for p, v in targets.items()})
+  nested = weights in saved.get('eval_emas', {})
+  item = {'eval_emas': {weights: tree}} if nested else {weights: tree}
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      ckpt_lib.STATE: ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)}))[ckpt_lib.STATE]
+  values = flatten(restored['eval_emas'][weights] if nested else restored[weights])
   by_str = {tuple(str(k) for k in p): p for p in targets}
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, unflatten({by_str[p]: v for p, v in values.items()}))
