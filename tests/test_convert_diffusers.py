@@ -282,3 +282,27 @@ def test_trainer_init_from_diffusers_folder_and_export_from_run(tmp_path, monkey
                        str(tmp_path / 'x'), '--weights', 'nope']) == 1
   assert convert.main(['diffusers-export', '--src', workdir, '--out',
                        str(tmp_path / 'y'), '--step', '7']) == 1
+
+
+def test_lora_wrapped_layers_load_and_export_after_merge(tmp_path):
+  model = dlib.load_model(MEDIUM)
+  attn = model.transformer_blocks[0].attn
+  assert dlib.dotted_key(('transformer_blocks', 0, 'attn', 'to_q', 'base_module',
+                          'kernel')) == ('transformer_blocks.0.attn.to_q', 'kernel')
+  attn.to_q = nnx.LoRA(32, 2, 32, base_module=attn.to_q, rngs=nnx.Rngs(0))
+  attn.to_q.lora_b.set_value(jnp.ones((2, 32)))
+  zeroed(model, keep=lambda p: 'lora_a' in p or 'lora_b' in p)
+  dlib.load_into(model, MEDIUM)  # base weights under their names, LoRA kept
+  src = tensors(MEDIUM)
+  np.testing.assert_array_equal(np.asarray(attn.to_q.base_module.kernel[...]),
+                                src['transformer_blocks.0.attn.to_q.weight'].T)
+  np.testing.assert_array_equal(np.asarray(attn.to_q.lora_b[...]), 1.0)
+  with pytest.raises(ValueError, match='merge them'):
+    dlib.export(model, str(tmp_path / 'unmerged'))
+  base = attn.to_q.base_module  # merge: W + A B
+  base.kernel.set_value(base.kernel[...] + attn.to_q.lora_a[...] @ attn.to_q.lora_b[...])
+  merged = np.asarray(base.kernel[...])
+  attn.to_q = base
+  dlib.export(model, str(tmp_path / 'merged'))
+  np.testing.assert_array_equal(tensors(str(tmp_path / 'merged'))[
+      'transformer_blocks.0.attn.to_q.weight'], merged.T)

@@ -351,13 +351,18 @@ def read_params(src: SafetensorsFolder, fam: DiffusersFamily, cfg: Any,
   return out, absent
 
 
-def _flat_params(model: nnx.Module) -> dict[tuple, Any]:
+# The weights a diffusers checkpoint holds: every nnx.Param but LoRA factors (an
+# `nnx.LoRA` wrapping a layer keeps the layer's weights under `base_module`).
+BASE_WEIGHTS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
+def _flat_params(model: nnx.Module, which=BASE_WEIGHTS) -> dict[tuple, Any]:
   """{parameter path: value} of a model (values may be abstract)."""
-  return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return flatten(nnx.to_pure_dict(nnx.state(model, which)))
 
 
 def _set_params(model: nnx.Module, values: Mapping[tuple, Any]) -> None:
-  state = nnx.state(model, nnx.Param)
+  state = nnx.state(model, BASE_WEIGHTS)
   flat = flatten(nnx.to_pure_dict(state))
   flat.update(values)
   nnx.replace_by_pure_dict(state, unflatten(flat))
@@ -369,7 +374,8 @@ def load_into(model: nnx.Module, path: str, *,
   """Fills an existing (possibly sharded) model from a diffusers folder, in place.
 
   Every parameter keeps its dtype and sharding; optional parameters the checkpoint lacks
-  keep their values. The folder's config.json must describe the model's architecture
+  keep their values, and so do LoRA factors (`nnx.LoRAParam`) of layers wrapped by
+  `nnx.LoRA`, whose base weights load under the layer's name. The folder's config.json must describe the model's architecture
   (checked through the parameter shapes).
   """
   fam, cfg = _family_of_model(model)
@@ -472,7 +478,8 @@ def export(model: nnx.Module, out_dir: str, *, dtype: str | None = None,
   memory holds one gathered tensor at a time.
 
   Args:
-    model: a model of a registered family (LoRA merged first).
+    model: a model of a registered family (LoRA factors merged into the base weights
+      first; `base_module` path segments are dropped from the names).
     out_dir: target folder; must not already hold a diffusers model.
     dtype: 'float32' | 'bfloat16' | 'float16' for the written weights (default: each
       parameter's own dtype).
@@ -486,8 +493,12 @@ def export(model: nnx.Module, out_dir: str, *, dtype: str | None = None,
   if is_diffusers_dir(out_dir) or os.path.isfile(os.path.join(out_dir, CONFIG_FILE)):
     raise ValueError(f'{out_dir} already holds a diffusers model; choose a new folder')
   out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+  lora = sorted(path_name(p) for p in _flat_params(model, nnx.LoRAParam))
+  if lora:
+    raise ValueError(f'the model has LoRA factors ({lora[:4]}{" ..." if len(lora) > 4 else ""}'
+                     '); merge them into the base weights before exporting')
   items = []
-  for path, arr in _flat_params(model).items():
+  for path, arr in _flat_params(model, nnx.Param).items():
     key, tr = fam.param_key(cfg, path)
     dt = out_dtype or np.dtype(arr.dtype)
     shape = tr.source_shape(tuple(arr.shape))
