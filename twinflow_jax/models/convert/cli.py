@@ -27,14 +27,20 @@ import json
 import os
 import sys
 
+import jax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from twinflow_jax.models.configs import resolve_config
+from twinflow_jax.models.convert import diffusers as dlib
 from twinflow_jax.models.convert.sit import (infer_dit_fields, load_torch_dit,
                                              time_convention_for)
 from twinflow_jax.models.convert.state_dict import read_state_dict
 from twinflow_jax.models.factory import create_model
-from twinflow_jax.models.pretrained import save_pretrained
+from twinflow_jax.models.param_tree import flatten, unflatten
+from twinflow_jax.models.pretrained import (PARAMS_DIR, load_model_config, load_pretrained,
+                                            save_pretrained)
+from twinflow_jax.models.sharding import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -164,8 +170,6 @@ def diffusers_parser() -> argparse.ArgumentParser:
 
 
 def _fsdp_mesh():
-  from twinflow_jax.models.sharding import MESH_AXES  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.make_mesh((1, jax.device_count(), 1), MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
@@ -183,7 +187,6 @@ def _progress(total_hint: str):
 
 def diffusers_import(args: argparse.Namespace) -> dict:
   """diffusers folder -> pretrained directory; returns the stored model config."""
-  from twinflow_jax.models.convert import diffusers as dlib  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(args.out)
   if os.path.exists(os.path.join(out, 'params')):
     raise ValueError(f'{out} already holds a checkpoint')
@@ -197,9 +200,6 @@ def diffusers_import(args: argparse.Namespace) -> dict:
 
 def _model_from_run(workdir: str, weights: str, step: int | None):
   """Builds the run's model on an FSDP mesh and restores one weight set into it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from twinflow_jax.models.param_tree import flatten, unflatten  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir):
@@ -241,8 +241,6 @@ def _model_from_run(workdir: str, weights: str, step: int | None):
 
 def _abstract_on_mesh(model_config: dict, mesh):
   """Abstract model whose leaves carry NamedShardings from the default rules."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from twinflow_jax.models.sharding import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_LOGICAL_AXIS_RULES), \
       nnx.use_eager_sharding(False):
     abstract = nnx.eval_shape(lambda: create_model(model_config, rngs=nnx.Rngs(0)))
@@ -256,9 +254,6 @@ def _abstract_on_mesh(model_config: dict, mesh):
 
 def diffusers_export(args: argparse.Namespace) -> tuple[list[str], str]:
   """Run workdir or pretrained directory -> diffusers folder; returns (files, source)."""
-  from twinflow_jax.models.convert import diffusers as dlib  # pylint: disable=g-import-not-at-top
-  from twinflow_jax.models.pretrained import (PARAMS_DIR, load_model_config,  # pylint: disable=g-import-not-at-top
-                                              load_pretrained)
   src = os.path.abspath(args.src)
   if os.path.isdir(os.path.join(src, PARAMS_DIR)):
     model = _abstract_on_mesh(load_model_config(src), _fsdp_mesh())

@@ -173,8 +173,9 @@ def families() -> dict[str, DiffusersFamily]:
 
 
 def _load_builtin_families() -> None:
-  # Family modules register themselves on import.
-  from twinflow_jax.models.convert import diffusers_sd3  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  # Family modules register themselves on import (lazily: they import this module).
+  # pylint: disable=g-import-not-at-top,unused-import
+  from twinflow_jax.models.convert import diffusers_sd3  # noqa: F401
 
 
 def dotted_key(path: tuple, renames: Sequence[tuple[str, str]] = ()) -> tuple[str, str]:
@@ -314,7 +315,7 @@ def _read_param(src: SafetensorsFolder, key: str, tr: Transform, shape, dtype,
   def block(index: Index) -> np.ndarray:
     k = _index_key(index)
     if k not in cache:  # replicas of a shard on several local devices: read once
-      cache[k] = np.asarray(tr.read(src, key, index)).astype(dtype)
+      cache[k] = np.asarray(tr.read(src, key, index)).astype(dtype, copy=False)
     return cache[k]
 
   arr = jax.make_array_from_callback(tuple(shape), sharding, block)
@@ -375,8 +376,8 @@ def load_into(model: nnx.Module, path: str, *,
 
   Every parameter keeps its dtype and sharding; optional parameters the checkpoint lacks
   keep their values, and so do LoRA factors (`nnx.LoRAParam`) of layers wrapped by
-  `nnx.LoRA`, whose base weights load under the layer's name. The folder's config.json must describe the model's architecture
-  (checked through the parameter shapes).
+  `nnx.LoRA`, whose base weights load under the layer's name. The folder's config.json
+  must describe the model's architecture (checked through the parameter shapes).
   """
   fam, cfg = _family_of_model(model)
   dcfg = read_config(path)
