@@ -87,8 +87,10 @@ def write_checkpoint(folder: str, layers: int) -> int:
     shape = tr.source_shape(tuple(a.shape))
     items.append(TensorOut(key, shape, np.dtype(ml_dtypes.bfloat16), lambda s=shape: (
         0.02 * rng.standard_normal(s, dtype=np.float32)).astype(ml_dtypes.bfloat16)))
-  table = diffusers_sd3.buffers(cfg)['pos_embed.pos_embed'].astype(ml_dtypes.bfloat16)
-  items.append(TensorOut('pos_embed.pos_embed', table.shape, table.dtype, lambda: table))
+  buf = diffusers_sd3.buffers(cfg)['pos_embed.pos_embed']
+  bf16 = np.dtype(ml_dtypes.bfloat16)
+  items.append(TensorOut('pos_embed.pos_embed', buf.shape, bf16, lambda: (
+      c.astype(bf16) for c in buf.chunks())))
   total = sum(t.nbytes for t in items)
   write_safetensors_folder(folder, items, max_shard_bytes=total // 4 + 1)
   dcfg = dict(model_config(layers), _class_name='SD3Transformer2DModel')

@@ -51,14 +51,16 @@ def test_safetensors_io_slices_bf16_and_shards(tmp_path):
   b = a.astype(ml_dtypes.bfloat16)
   items = [TensorOut('a', a.shape, a.dtype, lambda: a),
            TensorOut('b', b.shape, b.dtype, lambda: b),
-           TensorOut('s', (), np.dtype(np.int64), lambda: np.asarray(7, np.int64))]
+           TensorOut('s', (), np.dtype(np.int64), lambda: np.asarray(7, np.int64)),
+           TensorOut('c', a.shape, a.dtype, lambda: (a[i:i + 2] for i in range(0, 6, 2)))]
   names = write_safetensors_folder(str(tmp_path / 'one'), items)
   assert names == ['diffusion_pytorch_model.safetensors']
   names = write_safetensors_folder(str(tmp_path / 'many'), items, max_shard_bytes=100)
-  assert names[-1] == 'diffusion_pytorch_model.safetensors.index.json' and len(names) == 3
+  assert names[-1] == 'diffusion_pytorch_model.safetensors.index.json' and len(names) == 4
   for d in ('one', 'many'):
     with SafetensorsFolder(str(tmp_path / d)) as src:
-      assert src.keys() == ['a', 'b', 's'] and src.dtype('b') == b.dtype
+      assert src.keys() == ['a', 'b', 'c', 's'] and src.dtype('b') == b.dtype
+      np.testing.assert_array_equal(src.read('c'), a)  # written chunk by chunk
       np.testing.assert_array_equal(src.read('a', (slice(1, 4), slice(2, 5))), a[1:4, 2:5])
       got = src.read('b', (slice(2, 3),))
       assert got.dtype == ml_dtypes.bfloat16
@@ -68,8 +70,11 @@ def test_safetensors_io_slices_bf16_and_shards(tmp_path):
     write_safetensors_folder(str(tmp_path / 'dup'), items + items[:1])
   with pytest.raises(ValueError, match='producer'):
     write_safetensors_folder(str(tmp_path / 'bad'), [TensorOut('a', (2,), a.dtype, lambda: a)])
+  with pytest.raises(ValueError, match='bytes'):
+    write_safetensors_folder(str(tmp_path / 'bad'), [TensorOut('a', a.shape, a.dtype,
+                                                               lambda: iter([a[:2]]))])
   assert not os.path.exists(tmp_path / 'bad' / 'diffusion_pytorch_model.safetensors')
-  os.remove(tmp_path / 'many' / 'diffusion_pytorch_model-00002-of-00002.safetensors')
+  os.remove(tmp_path / 'many' / names[1])
   with pytest.raises(FileNotFoundError, match='missing'):
     SafetensorsFolder(str(tmp_path / 'many'))
   with pytest.raises(FileNotFoundError, match='diffusion_pytorch_model'):

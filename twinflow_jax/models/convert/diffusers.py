@@ -34,7 +34,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -128,6 +128,17 @@ class PatchConv(Transform):
 IDENTITY, LINEAR = Identity(), Linear()
 
 
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+  """A non-parameter tensor a family writes on export (e.g. a fixed position table).
+
+  chunks() yields float32 pieces of it in C order (e.g. blocks of rows), so that large
+  tables are never whole in memory; they are cast to the export dtype piece by piece.
+  """
+  shape: tuple[int, ...]
+  chunks: Callable[[], Iterable[np.ndarray]]
+
+
 # ---------------------------------------------------------------------------------------
 # What a family provides.
 
@@ -144,7 +155,7 @@ class DiffusersFamily:
     param_key: (resolved config, parameter path) -> (diffusers key, Transform).
     optional: (resolved config, parameter path) -> True if the checkpoint may lack it
       (then the model's own initialisation is kept, e.g. the TwinFlow r-embedder).
-    buffers: resolved config -> {key: array} written on export besides the parameters
+    buffers: resolved config -> {key: Buffer} written on export besides the parameters
       (e.g. fixed position tables that diffusers keeps as persistent buffers).
     check_buffer: (resolved config, reader, key) -> None, called on import for every
       checkpoint key that names a buffer; raises ValueError if it contradicts the model.
@@ -155,7 +166,7 @@ class DiffusersFamily:
   diffusers_config: Callable[[Any], dict[str, Any]]
   param_key: Callable[[Any, tuple], tuple[str, Transform]]
   optional: Callable[[Any, tuple], bool] = lambda cfg, path: False
-  buffers: Callable[[Any], dict[str, np.ndarray]] = lambda cfg: {}
+  buffers: Callable[[Any], dict[str, Buffer]] = lambda cfg: {}
   check_buffer: Callable[[Any, SafetensorsFolder, str], None] | None = None
 
 
@@ -463,9 +474,18 @@ def _init_subset(make: Callable[[], nnx.Module], paths: list[tuple],
 
 
 def _gather(a: jax.Array) -> np.ndarray:
-  """The full value of one (possibly multi-process) array on every process."""
+  """The full value of one (possibly multi-process) array on every process.
+
+  Assembled from the shards into a fresh numpy array: `np.asarray(a)` / `device_get`
+  would also cache a host copy on the array object, and over a whole export that cache
+  would hold the entire model in host memory.
+  """
   if getattr(a, 'is_fully_addressable', True):
-    return np.asarray(jax.device_get(a))
+    host = np.empty(a.shape, a.dtype)
+    for shard in a.addressable_shards:
+      if shard.replica_id == 0:
+        host[shard.index] = np.asarray(shard.data)
+    return host
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
@@ -509,9 +529,9 @@ def export(model: nnx.Module, out_dir: str, *, dtype: str | None = None,
   # diffusers' `model.to(dtype)`.
   dts = {t.dtype for t in items}
   buf_dtype = out_dtype or (dts.pop() if len(dts) == 1 else np.dtype(np.float32))
-  for key, value in fam.buffers(cfg).items():
-    value = value.astype(buf_dtype)
-    items.append(TensorOut(key, value.shape, value.dtype, lambda v=value: v))
+  for key, buf in fam.buffers(cfg).items():
+    items.append(TensorOut(key, tuple(buf.shape), buf_dtype, lambda b=buf, dt=buf_dtype: (
+        np.asarray(c).astype(dt) for c in b.chunks())))
   items.sort(key=lambda t: t.key)
   if jax.process_index() != 0:
     for t in items:  # take part in the collective gathers
