@@ -4,6 +4,7 @@ Uses the tiny SD3 fixtures of tools/make_pretrained_fixture.py; no forward passe
 numerics are in test_models_sd3.py), so no compile beyond small jitted inits.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -50,14 +51,16 @@ def test_safetensors_io_slices_bf16_and_shards(tmp_path):
   b = a.astype(ml_dtypes.bfloat16)
   items = [TensorOut('a', a.shape, a.dtype, lambda: a),
            TensorOut('b', b.shape, b.dtype, lambda: b),
-           TensorOut('s', (), np.dtype(np.int64), lambda: np.asarray(7, np.int64))]
+           TensorOut('s', (), np.dtype(np.int64), lambda: np.asarray(7, np.int64)),
+           TensorOut('c', a.shape, a.dtype, lambda: (a[i:i + 2] for i in range(0, 6, 2)))]
   names = write_safetensors_folder(str(tmp_path / 'one'), items)
   assert names == ['diffusion_pytorch_model.safetensors']
   names = write_safetensors_folder(str(tmp_path / 'many'), items, max_shard_bytes=100)
-  assert names[-1] == 'diffusion_pytorch_model.safetensors.index.json' and len(names) == 3
+  assert names[-1] == 'diffusion_pytorch_model.safetensors.index.json' and len(names) == 4
   for d in ('one', 'many'):
     with SafetensorsFolder(str(tmp_path / d)) as src:
-      assert src.keys() == ['a', 'b', 's'] and src.dtype('b') == b.dtype
+      assert src.keys() == ['a', 'b', 'c', 's'] and src.dtype('b') == b.dtype
+      np.testing.assert_array_equal(src.read('c'), a)  # written chunk by chunk
       np.testing.assert_array_equal(src.read('a', (slice(1, 4), slice(2, 5))), a[1:4, 2:5])
       got = src.read('b', (slice(2, 3),))
       assert got.dtype == ml_dtypes.bfloat16
@@ -67,8 +70,11 @@ def test_safetensors_io_slices_bf16_and_shards(tmp_path):
     write_safetensors_folder(str(tmp_path / 'dup'), items + items[:1])
   with pytest.raises(ValueError, match='producer'):
     write_safetensors_folder(str(tmp_path / 'bad'), [TensorOut('a', (2,), a.dtype, lambda: a)])
+  with pytest.raises(ValueError, match='bytes'):
+    write_safetensors_folder(str(tmp_path / 'bad'), [TensorOut('a', a.shape, a.dtype,
+                                                               lambda: iter([a[:2]]))])
   assert not os.path.exists(tmp_path / 'bad' / 'diffusion_pytorch_model.safetensors')
-  os.remove(tmp_path / 'many' / 'diffusion_pytorch_model-00002-of-00002.safetensors')
+  os.remove(tmp_path / 'many' / names[1])
   with pytest.raises(FileNotFoundError, match='missing'):
     SafetensorsFolder(str(tmp_path / 'many'))
   with pytest.raises(FileNotFoundError, match='diffusion_pytorch_model'):
@@ -227,3 +233,81 @@ def test_cli_import_and_export(tmp_path, capsys, monkeypatch):
   assert 'no checkpoints/' in capsys.readouterr().err
   assert convert.main(['diffusers-import', '--src', BF16, '--out', orbax_dir]) == 1
   assert 'already holds' in capsys.readouterr().err
+
+
+def t2i_config(model):
+  """configs/t2i_mmdit.py with the tiny SD3 fixture's shapes on a (2, 2, 2) mesh."""
+  spec = importlib.util.spec_from_file_location('t2i_cfg', os.path.join(
+      os.path.dirname(__file__), '..', 'configs', 't2i_mmdit.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model = model
+  c.data.paths = '/data/train-00000-of-00001.arrayrecord'  # only validated
+  c.data.latent_shape, c.data.txt_len, c.data.txt_dim, c.data.pooled_dim = (8, 12, 4), 7, 24, 16
+  c.train.global_batch_size = 8
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  return c
+
+
+def test_trainer_init_from_diffusers_folder_and_export_from_run(tmp_path, monkeypatch):
+  from twinflow_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import loop  # pylint: disable=g-import-not-at-top
+  cfg = t2i_config({'name': 'sd3', 'pretrained': LARGE, 'dtype': 'float32'})
+  setup = loop.build(cfg)
+  state = loop.init_state(setup, 0)
+  state = loop.load_pretrained_params(setup, state, LARGE)  # what train.init_from runs
+  ref = params(dlib.load_model(LARGE))
+  got, ema = flatten(state.params), flatten(state.ema)
+  for p, v in ref.items():
+    key = tuple(str(k) for k in p)
+    q = next(k for k in got if tuple(map(str, k)) == key)
+    np.testing.assert_array_equal(np.asarray(got[q]), v)
+    np.testing.assert_array_equal(np.asarray(ema[q]), v)
+  # A run's checkpoint exports its EMA teacher (default) or its online weights.
+  workdir = str(tmp_path / 'run')
+  state = state.replace(ema=jax.tree.map(lambda a: 2 * a, state.ema))
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), save_every=1, keep=1,
+                               async_save=False)
+  ckpt.save(3, state, None, ckpt_lib.config_to_json(cfg), force=True)
+  ckpt.close()
+  monkeypatch.setattr(cli, '_fsdp_mesh', lambda: jax.make_mesh(
+      (1, 2, 1), MESH_AXES, devices=jax.devices()[:2],
+      axis_types=(jax.sharding.AxisType.Auto,) * 3))
+  for weights, factor in (('ema', 2), ('params', 1)):
+    out = str(tmp_path / weights)
+    assert convert.main(['diffusers-export', '--src', workdir, '--out', out,
+                         '--weights', weights]) == 0
+    src, exported = tensors(LARGE), tensors(out)
+    assert set(exported) == set(src)
+    for k in ('transformer_blocks.2.attn.add_q_proj.weight',
+              'time_text_embed_2.text_embedder.linear_1.bias', 'pos_embed.proj.weight'):
+      np.testing.assert_array_equal(exported[k], factor * src[k])
+  assert convert.main(['diffusers-export', '--src', workdir, '--out',
+                       str(tmp_path / 'x'), '--weights', 'nope']) == 1
+  assert convert.main(['diffusers-export', '--src', workdir, '--out',
+                       str(tmp_path / 'y'), '--step', '7']) == 1
+
+
+def test_lora_wrapped_layers_load_and_export_after_merge(tmp_path):
+  model = dlib.load_model(MEDIUM)
+  attn = model.transformer_blocks[0].attn
+  assert dlib.dotted_key(('transformer_blocks', 0, 'attn', 'to_q', 'base_module',
+                          'kernel')) == ('transformer_blocks.0.attn.to_q', 'kernel')
+  attn.to_q = nnx.LoRA(32, 2, 32, base_module=attn.to_q, rngs=nnx.Rngs(0))
+  attn.to_q.lora_b.set_value(jnp.ones((2, 32)))
+  zeroed(model, keep=lambda p: 'lora_a' in p or 'lora_b' in p)
+  dlib.load_into(model, MEDIUM)  # base weights under their names, LoRA kept
+  src = tensors(MEDIUM)
+  np.testing.assert_array_equal(np.asarray(attn.to_q.base_module.kernel[...]),
+                                src['transformer_blocks.0.attn.to_q.weight'].T)
+  np.testing.assert_array_equal(np.asarray(attn.to_q.lora_b[...]), 1.0)
+  with pytest.raises(ValueError, match='merge them'):
+    dlib.export(model, str(tmp_path / 'unmerged'))
+  base = attn.to_q.base_module  # merge: W + A B
+  base.kernel.set_value(base.kernel[...] + attn.to_q.lora_a[...] @ attn.to_q.lora_b[...])
+  merged = np.asarray(base.kernel[...])
+  attn.to_q = base
+  dlib.export(model, str(tmp_path / 'merged'))
+  np.testing.assert_array_equal(tensors(str(tmp_path / 'merged'))[
+      'transformer_blocks.0.attn.to_q.weight'], merged.T)

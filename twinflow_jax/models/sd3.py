@@ -222,22 +222,31 @@ def cropped_pos_embed(cfg: SD3Config, gh: int, gw: int) -> jax.Array:
   return jnp.concatenate([emb_w, emb_h], axis=-1).reshape(gh * gw, d)
 
 
-def pos_embed_table(cfg: SD3Config) -> np.ndarray:
-  """The full persistent `pos_embed.pos_embed` buffer of diffusers: [1, M*M, D] float32.
+def pos_embed_rows(cfg: SD3Config, h0: int, h1: int) -> np.ndarray:
+  """Rows h0..h1 of diffusers' persistent `pos_embed.pos_embed` buffer.
 
-  Same arithmetic as diffusers (float32 positions, float64 frequencies); written on
-  export and compared with the checkpoint's buffer on import.
+  Same arithmetic as diffusers (float32 positions, float64 frequencies), so the table can
+  be compared with a checkpoint's and written on export a few grid rows at a time (the
+  whole table of SD3.5-medium, 384^2 x 1536, is 0.9 GB in float32).
+
+  Returns:
+    [(h1 - h0) * M, D] float32, M = pos_embed_max_size, grid rows in row-major order.
   """
   m, d = cfg.pos_embed_max_size, cfg.inner_dim
   pos = (np.arange(m, dtype=np.float32) /
          np.float32(m / (cfg.sample_size // cfg.patch_size))).astype(np.float64)
   omega = 1.0 / 10000**(np.arange(d // 4, dtype=np.float64) / (d / 4.0))
   out = pos[:, None] * omega[None]
-  one = np.concatenate([np.sin(out), np.cos(out)], axis=1)  # [M, D/2]
-  emb_w = np.broadcast_to(one[None], (m, m, d // 2))
-  emb_h = np.broadcast_to(one[:, None], (m, m, d // 2))
-  table = np.concatenate([emb_w, emb_h], axis=-1).reshape(1, m * m, d)
-  return table.astype(np.float32)
+  one = np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)  # [M, D/2]
+  rows = np.empty((h1 - h0, m, d), np.float32)
+  rows[..., :d // 2] = one[None]  # the column position
+  rows[..., d // 2:] = one[h0:h1, None]  # the row position
+  return rows.reshape((h1 - h0) * m, d)
+
+
+def pos_embed_table(cfg: SD3Config) -> np.ndarray:
+  """The whole `pos_embed.pos_embed` buffer [1, M*M, D] float32 (small configs, tests)."""
+  return pos_embed_rows(cfg, 0, cfg.pos_embed_max_size)[None]
 
 
 class Mlp2(nnx.Module):
@@ -511,5 +520,6 @@ def flops_per_forward(cfg: SD3Config, b: int, h: int, w: int, lt: int) -> int:
 
 def num_params(cfg: SD3Config) -> int:
   """Parameter count (from the abstract model, no allocation)."""
-  model = nnx.eval_shape(lambda: SD3Transformer(cfg, rngs=nnx.Rngs(0)))
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: SD3Transformer(cfg, rngs=nnx.Rngs(0)))
   return sum(math.prod(a.shape) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))

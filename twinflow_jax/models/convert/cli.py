@@ -27,20 +27,28 @@ import json
 import os
 import sys
 
+import jax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from twinflow_jax.models.configs import resolve_config
+from twinflow_jax.models.convert import diffusers as dlib
 from twinflow_jax.models.convert.sit import (infer_dit_fields, load_torch_dit,
                                              time_convention_for)
 from twinflow_jax.models.convert.state_dict import read_state_dict
 from twinflow_jax.models.factory import create_model
-from twinflow_jax.models.pretrained import save_pretrained
+from twinflow_jax.models.param_tree import flatten, unflatten
+from twinflow_jax.models.pretrained import (PARAMS_DIR, load_model_config, load_pretrained,
+                                            save_pretrained)
+from twinflow_jax.models.sharding import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog='python -m twinflow_jax.models.convert',
-      description='Convert a DiT/SiT PyTorch checkpoint for twinflow_jax.')
+      description='Convert a DiT/SiT PyTorch checkpoint for twinflow_jax.',
+      epilog='diffusers models (SD3 / SD3.5): see `python -m twinflow_jax.models.convert '
+      'diffusers-import --help` and `... diffusers-export --help`.')
   p.add_argument('--src', required=True,
                  help='.pt/.pth/.bin, .safetensors or .npz state dict')
   p.add_argument('--model', required=True, help="e.g. 'DiT-XL/2'")
@@ -162,8 +170,6 @@ def diffusers_parser() -> argparse.ArgumentParser:
 
 
 def _fsdp_mesh():
-  from twinflow_jax.models.sharding import MESH_AXES  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.make_mesh((1, jax.device_count(), 1), MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
@@ -181,7 +187,6 @@ def _progress(total_hint: str):
 
 def diffusers_import(args: argparse.Namespace) -> dict:
   """diffusers folder -> pretrained directory; returns the stored model config."""
-  from twinflow_jax.models.convert import diffusers as dlib  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(args.out)
   if os.path.exists(os.path.join(out, 'params')):
     raise ValueError(f'{out} already holds a checkpoint')
@@ -195,9 +200,6 @@ def diffusers_import(args: argparse.Namespace) -> dict:
 
 def _model_from_run(workdir: str, weights: str, step: int | None):
   """Builds the run's model on an FSDP mesh and restores one weight set into it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from twinflow_jax.models.param_tree import flatten, unflatten  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir):
@@ -213,14 +215,22 @@ def _model_from_run(workdir: str, weights: str, step: int | None):
       **{ckpt_lib.CONFIG: ocp.args.JsonRestore()}))[ckpt_lib.CONFIG]
   model = _abstract_on_mesh(config['model'], _fsdp_mesh())
   targets = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  item = {weights: unflatten({tuple(str(k) for k in p): v for p, v in targets.items()})}
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        ckpt_lib.STATE: ocp.args.PyTreeRestore(item=item, partial_restore=True)}))
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"--weights {weights!r}: not restorable from step {step} of "
-                     f"{workdir} ({e}); use 'ema', 'params' or an eval EMA name") from e
-  values = flatten(restored[ckpt_lib.STATE][weights])
+  saved = ocp.StandardCheckpointer().metadata(
+      os.path.join(ckpt_dir, str(step), ckpt_lib.STATE)).item_metadata.tree
+  names = sorted(k for k, v in saved.items() if k != 'opt_state' and isinstance(v, dict))
+  if 'eval_emas' in saved:
+    names = sorted(set(names) - {'eval_emas'} | set(saved['eval_emas']))
+  if weights not in names:
+    raise ValueError(f'--weights {weights!r} is not in the checkpoint of step {step} of '
+                     f'{workdir}; it holds {names}')
+  tree = unflatten({tuple(str(k) for k in p): v for p, v in targets.items()})
+  nested = weights in saved.get('eval_emas', {})
+  item = {'eval_emas': {weights: tree}} if nested else {weights: tree}
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      ckpt_lib.STATE: ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)}))[ckpt_lib.STATE]
+  values = flatten(restored['eval_emas'][weights] if nested else restored[weights])
   by_str = {tuple(str(k) for k in p): p for p in targets}
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, unflatten({by_str[p]: v for p, v in values.items()}))
@@ -231,8 +241,6 @@ def _model_from_run(workdir: str, weights: str, step: int | None):
 
 def _abstract_on_mesh(model_config: dict, mesh):
   """Abstract model whose leaves carry NamedShardings from the default rules."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from twinflow_jax.models.sharding import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_LOGICAL_AXIS_RULES), \
       nnx.use_eager_sharding(False):
     abstract = nnx.eval_shape(lambda: create_model(model_config, rngs=nnx.Rngs(0)))
@@ -246,9 +254,6 @@ def _abstract_on_mesh(model_config: dict, mesh):
 
 def diffusers_export(args: argparse.Namespace) -> tuple[list[str], str]:
   """Run workdir or pretrained directory -> diffusers folder; returns (files, source)."""
-  from twinflow_jax.models.convert import diffusers as dlib  # pylint: disable=g-import-not-at-top
-  from twinflow_jax.models.pretrained import (PARAMS_DIR, load_model_config,  # pylint: disable=g-import-not-at-top
-                                              load_pretrained)
   src = os.path.abspath(args.src)
   if os.path.isdir(os.path.join(src, PARAMS_DIR)):
     model = _abstract_on_mesh(load_model_config(src), _fsdp_mesh())

@@ -34,7 +34,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -128,6 +128,17 @@ class PatchConv(Transform):
 IDENTITY, LINEAR = Identity(), Linear()
 
 
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+  """A non-parameter tensor a family writes on export (e.g. a fixed position table).
+
+  chunks() yields float32 pieces of it in C order (e.g. blocks of rows), so that large
+  tables are never whole in memory; they are cast to the export dtype piece by piece.
+  """
+  shape: tuple[int, ...]
+  chunks: Callable[[], Iterable[np.ndarray]]
+
+
 # ---------------------------------------------------------------------------------------
 # What a family provides.
 
@@ -144,7 +155,7 @@ class DiffusersFamily:
     param_key: (resolved config, parameter path) -> (diffusers key, Transform).
     optional: (resolved config, parameter path) -> True if the checkpoint may lack it
       (then the model's own initialisation is kept, e.g. the TwinFlow r-embedder).
-    buffers: resolved config -> {key: array} written on export besides the parameters
+    buffers: resolved config -> {key: Buffer} written on export besides the parameters
       (e.g. fixed position tables that diffusers keeps as persistent buffers).
     check_buffer: (resolved config, reader, key) -> None, called on import for every
       checkpoint key that names a buffer; raises ValueError if it contradicts the model.
@@ -159,7 +170,7 @@ class DiffusersFamily:
   diffusers_config: Callable[[Any], dict[str, Any]]
   param_key: Callable[[Any, tuple], tuple[str, Transform]]
   optional: Callable[[Any, tuple], bool] = lambda cfg, path: False
-  buffers: Callable[[Any], dict[str, np.ndarray]] = lambda cfg: {}
+  buffers: Callable[[Any], dict[str, Buffer]] = lambda cfg: {}
   check_buffer: Callable[[Any, SafetensorsFolder, str], None] | None = None
   init_from: Callable[[Any, tuple], str | None] = lambda cfg, path: None
 
@@ -178,10 +189,11 @@ def families() -> dict[str, DiffusersFamily]:
 
 
 def _load_builtin_families() -> None:
-  # Family modules register themselves on import.
-  from twinflow_jax.models.convert import diffusers_sd3  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from twinflow_jax.models.convert import diffusers_flux  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from twinflow_jax.models.convert import diffusers_qwen_image  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  # Family modules register themselves on import (lazily: they import this module).
+  # pylint: disable=g-import-not-at-top,unused-import
+  from twinflow_jax.models.convert import diffusers_sd3  # noqa: F401
+  from twinflow_jax.models.convert import diffusers_flux  # noqa: F401
+  from twinflow_jax.models.convert import diffusers_qwen_image  # noqa: F401
 
 
 def dotted_key(path: tuple, renames: Sequence[tuple[str, str]] = ()) -> tuple[str, str]:
@@ -323,7 +335,7 @@ def _read_param(src: SafetensorsFolder, key: str, tr: Transform, shape, dtype,
   def block(index: Index) -> np.ndarray:
     k = _index_key(index)
     if k not in cache:  # replicas of a shard on several local devices: read once
-      cache[k] = np.asarray(tr.read(src, key, index)).astype(dtype)
+      cache[k] = np.asarray(tr.read(src, key, index)).astype(dtype, copy=False)
     return cache[k]
 
   arr = jax.make_array_from_callback(tuple(shape), sharding, block)
@@ -360,13 +372,18 @@ def read_params(src: SafetensorsFolder, fam: DiffusersFamily, cfg: Any,
   return out, absent
 
 
-def _flat_params(model: nnx.Module) -> dict[tuple, Any]:
+# The weights a diffusers checkpoint holds: every nnx.Param but LoRA factors (an
+# `nnx.LoRA` wrapping a layer keeps the layer's weights under `base_module`).
+BASE_WEIGHTS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
+def _flat_params(model: nnx.Module, which=BASE_WEIGHTS) -> dict[tuple, Any]:
   """{parameter path: value} of a model (values may be abstract)."""
-  return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return flatten(nnx.to_pure_dict(nnx.state(model, which)))
 
 
 def _set_params(model: nnx.Module, values: Mapping[tuple, Any]) -> None:
-  state = nnx.state(model, nnx.Param)
+  state = nnx.state(model, BASE_WEIGHTS)
   flat = flatten(nnx.to_pure_dict(state))
   flat.update(values)
   nnx.replace_by_pure_dict(state, unflatten(flat))
@@ -378,8 +395,9 @@ def load_into(model: nnx.Module, path: str, *,
   """Fills an existing (possibly sharded) model from a diffusers folder, in place.
 
   Every parameter keeps its dtype and sharding; optional parameters the checkpoint lacks
-  keep their values. The folder's config.json must describe the model's architecture
-  (checked through the parameter shapes).
+  keep their values, and so do LoRA factors (`nnx.LoRAParam`) of layers wrapped by
+  `nnx.LoRA`, whose base weights load under the layer's name. The folder's config.json
+  must describe the model's architecture (checked through the parameter shapes).
   """
   fam, cfg = _family_of_model(model)
   dcfg = read_config(path)
@@ -465,9 +483,18 @@ def _init_subset(make: Callable[[], nnx.Module], paths: list[tuple],
 
 
 def _gather(a: jax.Array) -> np.ndarray:
-  """The full value of one (possibly multi-process) array on every process."""
+  """The full value of one (possibly multi-process) array on every process.
+
+  Assembled from the shards into a fresh numpy array: `np.asarray(a)` / `device_get`
+  would also cache a host copy on the array object, and over a whole export that cache
+  would hold the entire model in host memory.
+  """
   if getattr(a, 'is_fully_addressable', True):
-    return np.asarray(jax.device_get(a))
+    host = np.empty(a.shape, a.dtype)
+    for shard in a.addressable_shards:
+      if shard.replica_id == 0:
+        host[shard.index] = np.asarray(shard.data)
+    return host
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
@@ -481,7 +508,8 @@ def export(model: nnx.Module, out_dir: str, *, dtype: str | None = None,
   memory holds one gathered tensor at a time.
 
   Args:
-    model: a model of a registered family (LoRA merged first).
+    model: a model of a registered family (LoRA factors merged into the base weights
+      first; `base_module` path segments are dropped from the names).
     out_dir: target folder; must not already hold a diffusers model.
     dtype: 'float32' | 'bfloat16' | 'float16' for the written weights (default: each
       parameter's own dtype).
@@ -495,8 +523,12 @@ def export(model: nnx.Module, out_dir: str, *, dtype: str | None = None,
   if is_diffusers_dir(out_dir) or os.path.isfile(os.path.join(out_dir, CONFIG_FILE)):
     raise ValueError(f'{out_dir} already holds a diffusers model; choose a new folder')
   out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+  lora = sorted(path_name(p) for p in _flat_params(model, nnx.LoRAParam))
+  if lora:
+    raise ValueError(f'the model has LoRA factors ({lora[:4]}{" ..." if len(lora) > 4 else ""}'
+                     '); merge them into the base weights before exporting')
   items = []
-  for path, arr in _flat_params(model).items():
+  for path, arr in _flat_params(model, nnx.Param).items():
     key, tr = fam.param_key(cfg, path)
     dt = out_dtype or np.dtype(arr.dtype)
     shape = tr.source_shape(tuple(arr.shape))
@@ -506,9 +538,9 @@ def export(model: nnx.Module, out_dir: str, *, dtype: str | None = None,
   # diffusers' `model.to(dtype)`.
   dts = {t.dtype for t in items}
   buf_dtype = out_dtype or (dts.pop() if len(dts) == 1 else np.dtype(np.float32))
-  for key, value in fam.buffers(cfg).items():
-    value = value.astype(buf_dtype)
-    items.append(TensorOut(key, value.shape, value.dtype, lambda v=value: v))
+  for key, buf in fam.buffers(cfg).items():
+    items.append(TensorOut(key, tuple(buf.shape), buf_dtype, lambda b=buf, dt=buf_dtype: (
+        np.asarray(c).astype(dt) for c in b.chunks())))
   items.sort(key=lambda t: t.key)
   if jax.process_index() != 0:
     for t in items:  # take part in the collective gathers

@@ -53,30 +53,43 @@ def model_config(dcfg: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def buffers(cfg: sd3.SD3Config) -> dict[str, np.ndarray]:
-  return {POS_EMBED_KEY: sd3.pos_embed_table(cfg)}
+ROW_BLOCK = 8  # grid rows of the position table per chunk
+
+
+def _row_blocks(cfg: sd3.SD3Config):
+  m = cfg.pos_embed_max_size
+  return [(h, min(h + ROW_BLOCK, m)) for h in range(0, m, ROW_BLOCK)]
+
+
+def buffers(cfg: sd3.SD3Config) -> dict[str, dlib.Buffer]:
+  """The position table, produced a few grid rows at a time."""
+  m, d = cfg.pos_embed_max_size, cfg.inner_dim
+  chunks = lambda: (sd3.pos_embed_rows(cfg, h0, h1)[None] for h0, h1 in _row_blocks(cfg))
+  return {POS_EMBED_KEY: dlib.Buffer((1, m * m, d), chunks)}
 
 
 def check_buffer(cfg: sd3.SD3Config, src, key: str) -> None:
   """The checkpoint's position table must be the one the model computes."""
   if key != POS_EMBED_KEY:
     return
+  m, d = cfg.pos_embed_max_size, cfg.inner_dim
+  shape = (1, m * m, d)
+  if tuple(src.shape(key)) != shape:
+    raise ValueError(f'{src.path}: {key} has shape {tuple(src.shape(key))}, the config '
+                     f'(pos_embed_max_size={m}, width {d}) gives {shape}')
   # A bfloat16 checkpoint holds the table rounded to bfloat16 (diffusers then runs with
   # the rounded table, |diff| <= 2^-9; this model keeps the float32 table).
-  got = src.read(key)
-  want = sd3.pos_embed_table(cfg).astype(got.dtype).astype(np.float32)
-  got = got.astype(np.float32)
-  if got.shape != want.shape:
-    raise ValueError(f'{src.path}: {key} has shape {got.shape}, the config '
-                     f'(pos_embed_max_size={cfg.pos_embed_max_size}, width '
-                     f'{cfg.inner_dim}) gives {want.shape}')
-  err = float(np.abs(got - want).max())
+  err = 0.0
+  for h0, h1 in _row_blocks(cfg):
+    got = src.read(key, (slice(None), slice(h0 * m, h1 * m)))[0]
+    want = sd3.pos_embed_rows(cfg, h0, h1).astype(got.dtype).astype(np.float32)
+    err = max(err, float(np.abs(got.astype(np.float32) - want).max()))
   if err > POS_EMBED_ATOL:
     raise ValueError(
         f'{src.path}: {key} differs from the sin-cos table diffusers computes for '
         f'sample_size={cfg.sample_size}, patch_size={cfg.patch_size}, '
-        f'pos_embed_max_size={cfg.pos_embed_max_size} (max |diff| {err:.3g}); this model '
-        'recomputes the table, so such a checkpoint is not supported')
+        f'pos_embed_max_size={m} (max |diff| {err:.3g}); this model recomputes the '
+        'table, so such a checkpoint is not supported')
 
 
 FAMILY = dlib.DiffusersFamily(

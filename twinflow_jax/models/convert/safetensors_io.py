@@ -156,7 +156,11 @@ class SafetensorsFolder:
 
 @dataclasses.dataclass(frozen=True)
 class TensorOut:
-  """One tensor to write: key, shape, dtype and a producer of its value (numpy)."""
+  """One tensor to write: key, shape, dtype and a producer of its value.
+
+  `produce()` returns the array, or an iterator of arrays whose C-order concatenation is
+  the tensor (for tensors too large to hold at once).
+  """
   key: str
   shape: tuple[int, ...]
   dtype: np.dtype
@@ -197,17 +201,28 @@ def _write_file(path: str, tensors: Sequence[TensorOut],
     f.write(struct.pack('<Q', len(blob)))
     f.write(blob)
     for t in tensors:
-      a = np.asarray(t.produce())
-      if a.shape != tuple(t.shape) or a.dtype != np.dtype(t.dtype):
-        raise ValueError(f'{t.key}: producer gave {a.shape} {a.dtype}, expected '
-                         f'{tuple(t.shape)} {np.dtype(t.dtype)}')
-      a = np.ascontiguousarray(a)
-      if a.dtype.byteorder == '>':
-        a = a.byteswap().view(a.dtype.newbyteorder('<'))
-      f.write(memoryview(a.reshape(-1).view(np.uint8)))
+      value = t.produce()
+      whole = isinstance(value, np.ndarray) or not hasattr(value, '__iter__')
+      if whole:
+        value = np.asarray(value)
+        if value.shape != tuple(t.shape):
+          raise ValueError(f'{t.key}: producer gave shape {value.shape}, expected '
+                           f'{tuple(t.shape)}')
+      written = 0
+      for a in ([value] if whole else value):
+        a = np.ascontiguousarray(a)
+        if a.dtype != np.dtype(t.dtype):
+          raise ValueError(f'{t.key}: producer gave {a.dtype}, expected '
+                           f'{np.dtype(t.dtype)}')
+        if a.dtype.byteorder == '>':
+          a = a.byteswap().view(a.dtype.newbyteorder('<'))
+        f.write(memoryview(a.reshape(-1).view(np.uint8)))
+        written += a.nbytes
+        del a
+      if written != t.nbytes:
+        raise ValueError(f'{t.key}: producer gave {written} bytes, expected {t.nbytes}')
       if progress:
         progress(t.key)
-      del a
   os.replace(tmp, path)
 
 
