@@ -10,8 +10,8 @@ diffusion_pytorch_model*.safetensors, float32):
   flux_schnell_tiny/   guidance_embeds=False, 1 double + 1 single block.
   qwen_image_tiny/     QwenImageTransformer2DModel, 3 blocks, saved in two
                        shards with an index (the large-checkpoint layout).
-Every weight is random and non-zero (norm scales 1 + noise), so each one
-changes the output. The TwinFlow target-time embedder is stored under
+Every weight is random and non-zero (`randomize` of make_pretrained_fixture.py:
+q/k norm scales 1 + noise), so each one changes the output. The TwinFlow target-time embedder is stored under
 `time_text_embed_2.timestep_embedder.*` (official Qwen-Image key names; the
 same names for Flux), with random weights of its own (not a copy), so a
 mix-up of the two embedders shows.
@@ -34,6 +34,7 @@ computes them).
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from diffusers.models.transformers.transformer_qwenimage import (
     QwenTimestepProjEmbeddings)
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_pretrained_fixture import randomize  # noqa: E402  (shared with SD3)
 
 FLUX_DEV = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=2,
                 num_single_layers=3, attention_head_dim=16,
@@ -62,17 +66,6 @@ QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
 B, C, H, W, L = 2, 4, 10, 12, 7
 T = np.array([0.73, -0.41], np.float32)  # signed TwinFlow times
 R = np.array([0.2, -0.9], np.float32)
-
-
-def randomize(module: nn.Module, gen: torch.Generator) -> None:
-  """Non-zero random values everywhere; 1-D norm scales around 1."""
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-      if 'norm' in name and p.ndim == 1:
-        p.copy_(1.0 + 0.2 * noise)
-      else:
-        p.copy_(0.1 * noise)
 
 
 class FluxTimeEmbed2(nn.Module):
