@@ -14,7 +14,8 @@ Sharded init and the default logical-axis rules: see `sharding.py`.
 Starting from PyTorch DiT/SiT weights: `python -m twinflow_jax.models.convert`
 (see `convert/`), then `load_pretrained(model, path)`. Pretrained diffusers transformers
 (`create_model({'name': 'sd3' | 'flux' | 'qwen_image', 'pretrained': DIR})`) load
-straight from their folder with `load_pretrained(model, DIR)` or `convert.diffusers.load_model(DIR, mesh=...)`.
+straight from their folder with `load_pretrained(model, DIR)` or
+`convert.diffusers.load_model(DIR, mesh=...)`.
 """
 
 from twinflow_jax.models.attention import (dot_product_attention,
