@@ -11,9 +11,10 @@ diffusion_pytorch_model*.safetensors, float32):
   qwen_image_tiny/     QwenImageTransformer2DModel, 3 blocks, saved in two
                        shards with an index (the large-checkpoint layout).
 Every weight is random and non-zero (`randomize` of make_pretrained_fixture.py:
-q/k norm scales 1 + noise), so each one changes the output. The TwinFlow target-time embedder is stored under
-`time_text_embed_2.timestep_embedder.*` (official Qwen-Image key names; the
-same names for Flux), with random weights of its own (not a copy), so a
+q/k norm scales 1 + noise), so each one changes the output. The TwinFlow
+target-time embedder is stored under `time_text_embed_2.timestep_embedder.*`
+(official Qwen-Image key names; the same names for Flux), with random weights
+of its own (not a copy), so a
 mix-up of the two embedders shows.
 
 reference.npz in each folder (float32; x NHWC, as the twinflow_jax models):
