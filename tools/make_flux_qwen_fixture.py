@@ -14,8 +14,7 @@ Every weight is random and non-zero (`randomize` of make_pretrained_fixture.py:
 q/k norm scales 1 + noise), so each one changes the output. The TwinFlow
 target-time embedder is stored under `time_text_embed_2.timestep_embedder.*`
 (official Qwen-Image key names; the same names for Flux), with random weights
-of its own (not a copy), so a
-mix-up of the two embedders shows.
+of its own (not a copy), so a mix-up of the two embedders shows.
 
 reference.npz in each folder (float32; x NHWC, as the twinflow_jax models):
   x [B, H, W, C], t [B], r [B], txt [B, L, D_txt], and
