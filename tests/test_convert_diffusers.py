@@ -163,9 +163,9 @@ def test_mismatches_are_listed(tmp_path):
   # A TwinFlow export loaded without the r-embedder names the surplus keys.
   with pytest.raises(ValueError, match='time_text_embed_2'):
     dlib.load_model(LARGE, {'r_embedder': False})
-  bad = tmp_path / 'flux'
+  bad = tmp_path / 'sana'
   bad.mkdir()
-  (bad / 'config.json').write_text(json.dumps({'_class_name': 'FluxTransformer2DModel'}))
+  (bad / 'config.json').write_text(json.dumps({'_class_name': 'SanaTransformer2DModel'}))
   with pytest.raises(ValueError, match='not supported'):
     dlib.load_model(str(bad))
 

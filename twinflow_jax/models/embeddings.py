@@ -57,8 +57,13 @@ def timestep_embedding(t: jax.Array, dim: int = 256,
     [B, dim] float32.
   """
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) *
-                  jnp.arange(half, dtype=jnp.float32) / half)
+  # The float32 frequency table of PyTorch DiT / diffusers (float32 exponent,
+  # exp correctly rounded), as a constant: XLA's float32 exp differs from
+  # torch's by an ulp in some entries, and at network times of 1000 t (or
+  # Flux's 1000 x guidance) an ulp of a frequency moves sin/cos by ~1e-4.
+  exponent = (np.float32(-math.log(max_period)) *
+              np.arange(half, dtype=np.float32)) / np.float32(half)
+  freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
   emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
   if dim % 2:
