@@ -17,10 +17,12 @@ to one diffusers tensor and LoRA can wrap each one.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from twinflow_jax.models.attention import dot_product_attention
-from twinflow_jax.models.embeddings import copy_params, timestep_embedding
+from twinflow_jax.models.embeddings import (copy_params, timestep_embedding,
+                                            timestep_frequencies)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
                                         RMSNorm, layer_norm, modulate,
                                         normal_002)
@@ -50,26 +52,78 @@ class TimestepMLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.linear_2(jax.nn.silu(self.linear_1(x)))
 
-  def embed_time(self, t_net: jax.Array) -> jax.Array:
-    """[B] network times -> [B, D] (diffusers Timesteps(256, flip_sin_to_cos,
-    shift 0): [cos | sin], frequencies 10000^(-i/128))."""
-    return self(timestep_embedding(t_net, FREQ_DIM))
+  def embed_time(self, t: jax.Array, *, exact: bool = False) -> jax.Array:
+    """[B] TwinFlow times -> [B, D] of the network time 1000 t.
+
+    diffusers Timesteps(256, flip_sin_to_cos, shift 0): [cos | sin] with
+    frequencies 10000^(-i/128). exact=False rounds the argument as diffusers'
+    float32 path (1000 t, then times the frequency: Flux, SD3); exact=True
+    keeps it exact (`exact_sinusoid`: Qwen-Image's Timesteps(scale=1000)
+    multiplies t by float32 frequencies in the timestep dtype).
+    """
+    t = jnp.asarray(t, jnp.float32)
+    if exact:
+      return self(exact_sinusoid(t, TIME_SCALE, FREQ_DIM))
+    return self(timestep_embedding(TIME_SCALE * t, FREQ_DIM))
+
+
+def _top12(x):
+  """x with only its 12 leading significant bits (sign and exponent kept)."""
+  mask = 0xFFFFF000
+  if isinstance(x, np.ndarray):
+    return (x.astype(np.float32).view(np.uint32) & np.uint32(mask)).view(
+        np.float32)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(mask)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def exact_sinusoid(t: jax.Array, scale: float, dim: int = FREQ_DIM
+                   ) -> jax.Array:
+  """[cos | sin] of scale * t * freq, the argument kept exact in float32.
+
+  Same layout and frequency table as `embeddings.timestep_embedding`. At
+  |scale t| ~ 1000 a float32 argument is off by up to 3e-5 rad, which shows
+  against a float64 reference; here t = t_hi + t_lo and scale * freq =
+  F_hi + F_lo (12-bit heads), so t_hi F_hi is an exact float32 product and
+  the small remainder goes through the angle-addition formulas (error ~1e-7).
+
+  Args:
+    t: [B] float32.
+    scale: multiplies t (1000: TwinFlow time -> network time).
+    dim: even embedding width.
+
+  Returns:
+    [B, dim] float32.
+  """
+  big = scale * timestep_frequencies(dim // 2).astype(np.float64)
+  f_hi = _top12(big.astype(np.float32))
+  f_lo = (big - f_hi.astype(np.float64)).astype(np.float32)
+  t_hi = _top12(t)
+  t_lo = t - t_hi
+  a_hi = t_hi[:, None] * f_hi[None]  # 12 x 12 significant bits: exact
+  a_lo = (t_hi[:, None] * f_lo[None] + t_lo[:, None] * f_hi[None]
+          + t_lo[:, None] * f_lo[None])
+  c_hi, s_hi, c_lo, s_lo = (jnp.cos(a_hi), jnp.sin(a_hi), jnp.cos(a_lo),
+                            jnp.sin(a_lo))
+  return jnp.concatenate([c_hi * c_lo - s_hi * s_lo,
+                          s_hi * c_lo + c_hi * s_lo], axis=-1)
 
 
 def twin_time(t_embedder: TimestepMLP, r_embedder: TimestepMLP | None,
-              t: jax.Array, r: jax.Array) -> jax.Array:
+              t: jax.Array, r: jax.Array, *, exact: bool = False
+              ) -> jax.Array:
   """E_t(1000 t) + (t - r) E_r(1000 r) for signed TwinFlow times t, r [B].
 
   As the official Qwen-Image wrapper: `temb + temb_2 * (t - r)` with t, r the
   diffusers timesteps in [0, 1] units; r_embedder None drops the r term.
-  Returns [B, D] in the compute dtype.
+  `exact`: see `TimestepMLP.embed_time`. Returns [B, D] in the compute dtype.
   """
   t = jnp.asarray(t, jnp.float32)
-  temb = t_embedder.embed_time(TIME_SCALE * t)
+  temb = t_embedder.embed_time(t, exact=exact)
   if r_embedder is None:
     return temb
   r = jnp.asarray(r, jnp.float32)
-  temb_2 = r_embedder.embed_time(TIME_SCALE * r)
+  temb_2 = r_embedder.embed_time(r, exact=exact)
   return temb + temb_2 * (t - r)[:, None].astype(temb_2.dtype)
 
 

@@ -50,9 +50,9 @@ from twinflow_jax.models.diffusers_configs import (DiffusersConfigMixin,
                                                    check_rope_axes,
                                                    check_runtime_fields,
                                                    config_from_dict)
-from twinflow_jax.models.dual_stream import (FREQ_DIM, NORM_EPS, TIME_SCALE,
-                                             TOKENS, VEC, RopeAttention,
-                                             TimeTextEmbed, dual_stream_block,
+from twinflow_jax.models.dual_stream import (FREQ_DIM, NORM_EPS, TOKENS, VEC,
+                                             RopeAttention, TimeTextEmbed,
+                                             dual_stream_block,
                                              make_r_embedder, output_layer,
                                              run_blocks, twin_time)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
@@ -257,8 +257,9 @@ class Flux(nnx.Module):
       g = cond.get('guidance')
       if g is None:
         g = jnp.full(jnp.shape(t), cfg.default_guidance, jnp.float32)
-      temb = temb + emb.guidance_embedder.embed_time(
-          TIME_SCALE * jnp.asarray(g, jnp.float32))
+      # diffusers: guidance * 1000, embedded like a timestep.
+      temb = temb + emb.guidance_embedder.embed_time(jnp.asarray(g,
+                                                                 jnp.float32))
     temb = temb + emb.text_embedder(cond['pooled'])
     return constrain(temb.astype(cfg.compute_dtype), VEC)
 

@@ -204,8 +204,11 @@ class QwenImage(nnx.Module):
   def time_embedding(self, t: jax.Array, r: jax.Array) -> jax.Array:
     """temb [B, D] = E(1000 t) + (t - r) E_2(1000 r) (official wrapper)."""
     r_emb = self.time_text_embed_2
+    # exact: diffusers' Qwen-Image multiplies t by the frequencies in the
+    # timestep dtype (float64 in the fixtures' reference), not in float32.
     temb = twin_time(self.time_text_embed.timestep_embedder,
-                     None if r_emb is None else r_emb.timestep_embedder, t, r)
+                     None if r_emb is None else r_emb.timestep_embedder, t, r,
+                     exact=True)
     return constrain(temb.astype(self.config.compute_dtype), VEC)
 
   def __call__(self, x_t: jax.Array, t: jax.Array, r: jax.Array,
