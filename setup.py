@@ -26,7 +26,7 @@ setup(
         "tensorflow-datasets>=4.9.8,<5",
         "clu>=0.0.12,<0.1",
         "numpy>=1.26,<3",
-        # Reading diffusers-format VAE weights (numpy backend; no torch).
+        # diffusers-format weights in and out (models/convert/), no torch.
         "safetensors>=0.4",
     ],
     extras_require={

@@ -20,7 +20,10 @@ def test_loss_and_sampler_import_jax_and_numpy_only():
 def test_no_tensorflow_or_tfds_at_import_time():
   # tensorflow_datasets is imported lazily, only where a TFDS source is opened.
   loaded = _modules_after("twinflow_jax.models, twinflow_jax.data, twinflow_jax.train.loop, "
-                          "twinflow_jax.main")
+                          "twinflow_jax.main, twinflow_jax.models.convert.cli, "
+                          "twinflow_jax.models.convert.diffusers_sd3, "
+                          "twinflow_jax.models.convert.diffusers_flux, "
+                          "twinflow_jax.models.convert.diffusers_qwen_image")
   assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
 
 

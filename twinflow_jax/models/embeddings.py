@@ -44,6 +44,18 @@ TIME_CONVENTIONS = {
 }
 
 
+def timestep_frequencies(half: int, max_period: float = 10000.0) -> np.ndarray:
+  """float32 frequencies max_period^(-i / half), i < half, as PyTorch computes them.
+
+  float32 exponent, exp correctly rounded (torch's float32 exp is, XLA's is an
+  ulp off in some entries; at network times of 1000 t, or Flux's 1000 x
+  guidance, an ulp of a frequency moves sin/cos by ~1e-4). A numpy constant.
+  """
+  exponent = (np.float32(-math.log(max_period)) *
+              np.arange(half, dtype=np.float32)) / np.float32(half)
+  return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
 def timestep_embedding(t: jax.Array, dim: int = 256,
                        max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embedding [cos | sin] of network times (DiT / GLIDE layout).
@@ -57,8 +69,7 @@ def timestep_embedding(t: jax.Array, dim: int = 256,
     [B, dim] float32.
   """
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) *
-                  jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = jnp.asarray(timestep_frequencies(half, max_period))
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
   emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
   if dim % 2:

@@ -10,6 +10,7 @@ from flax.core import spmd as core_spmd
 from twinflow_jax.models.configs import (DiTConfig, MMDiTConfig, as_dict,
                                          resolve_config)
 from twinflow_jax.models.dit import DiT
+from twinflow_jax.models.families import FAMILIES, family_of_config
 from twinflow_jax.models.mlp import MLP
 from twinflow_jax.models.mmdit import MMDiT
 from twinflow_jax.models.sharding import DEFAULT_LOGICAL_AXIS_RULES
@@ -36,8 +37,9 @@ def create_model(model_config: Mapping[str, Any] | Any, *,
   is built unsharded. Also works inside `nnx.eval_shape` for abstract models.
 
   Args:
-    model_config: {'name': 'DiT-XL/2' | 'MMDiT-...' | 'mlp', ...overrides};
-      see `configs.py` for the fields.
+    model_config: {'name': 'DiT-XL/2' | 'MMDiT-...' | 'mlp' | a family of
+      `families.FAMILIES` (e.g. 'sd3'), ...overrides}; see `configs.py` and the family
+      modules for the fields.
     rngs: parameter RNG streams.
 
   Returns:
@@ -50,6 +52,10 @@ def create_model(model_config: Mapping[str, Any] | Any, *,
   if d.get('name') == 'mlp':
     build = lambda: _create_mlp({k: v for k, v in d.items() if k != 'name'},
                                 rngs)
+  elif d.get('name') in FAMILIES:
+    family = FAMILIES[d['name']]
+    cfg = family.resolve(d)
+    build = lambda: family.build(cfg, rngs)
   else:
     cfg = resolve_config(d)
     cls = DiT if isinstance(cfg, DiTConfig) else MMDiT
@@ -63,10 +69,12 @@ def create_model(model_config: Mapping[str, Any] | Any, *,
   return build()
 
 
-def model_config_of(model: nnx.Module) -> DiTConfig | MMDiTConfig | None:
-  """The resolved config of a DiT / MMDiT (None for other models)."""
+def model_config_of(model: nnx.Module) -> Any:
+  """The resolved config of a DiT / MMDiT / family model (None for other models)."""
   cfg = getattr(model, 'config', None)
-  return cfg if isinstance(cfg, (DiTConfig, MMDiTConfig)) else None
+  if isinstance(cfg, (DiTConfig, MMDiTConfig)) or family_of_config(cfg):
+    return cfg
+  return None
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State,

@@ -11,6 +11,7 @@ from typing import Any
 
 from twinflow_jax.models.configs import (DiTConfig, MMDiTConfig, as_dict,
                                          resolve_config)
+from twinflow_jax.models.families import FAMILIES
 
 
 def _twin_time_flops(b: int, d: int, freq: int) -> int:
@@ -63,11 +64,11 @@ def flops_per_forward(model_config: Mapping[str, Any] | Any, batch: int,
   """Matmul FLOPs of one forward `model(x_t, t, r, cond)`.
 
   Args:
-    model_config: as for `create_model` (DiT or MMDiT names).
+    model_config: as for `create_model` (DiT, MMDiT or family names).
     batch: batch size B.
     resolution: spatial size of x_t (H = W, or (H, W)); for latent models the
       latent size.
-    txt_len: text length L (MMDiT only, required there).
+    txt_len: text length L (text-conditioned models only, required there).
 
   Returns:
     FLOPs as an int (2 per multiply-add).
@@ -75,7 +76,8 @@ def flops_per_forward(model_config: Mapping[str, Any] | Any, batch: int,
   d = as_dict(model_config)
   if d.get('name') == 'mlp':
     raise ValueError("flops_per_forward covers DiT and MMDiT, not 'mlp'")
-  cfg = resolve_config(d)
+  family = FAMILIES.get(d.get('name'))
+  cfg = family.resolve(d) if family else resolve_config(d)
   h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(
       resolution)
   if batch < 1 or h % cfg.patch_size or w % cfg.patch_size:
@@ -85,5 +87,7 @@ def flops_per_forward(model_config: Mapping[str, Any] | Any, batch: int,
   if isinstance(cfg, DiTConfig):
     return _dit_flops(cfg, batch, h, w)
   if txt_len is None or txt_len < 1:
-    raise ValueError('flops_per_forward: MMDiT needs txt_len >= 1')
+    raise ValueError('flops_per_forward: text-conditioned models need txt_len >= 1')
+  if family:
+    return family.flops(cfg, batch, h, w, txt_len)
   return _mmdit_flops(cfg, batch, h, w, txt_len)

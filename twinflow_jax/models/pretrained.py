@@ -7,6 +7,11 @@ Layout of a pretrained directory (written by `save_pretrained` and the
   DIR/model_config.json   the model config ({'name': ..., overrides}).
 A trainer builds the model from the JSON (adding its own dtype / remat /
 attention overrides), possibly sharded, then calls `load_pretrained`.
+
+`load_pretrained` also accepts a diffusers model folder (config.json +
+diffusion_pytorch_model*.safetensors, e.g. the `transformer/` folder of SD3.5) for the
+families of `models/convert/diffusers.py`: the weights are then read tensor by tensor
+straight into the model's shardings, with no conversion step.
 """
 
 import json
@@ -79,12 +84,18 @@ def load_pretrained(model: nnx.Module, path: str) -> nnx.Module:
   Args:
     model: model built with a compatible config (e.g. from
       `load_model_config(path)` plus runtime overrides).
-    path: directory written by `save_pretrained` / the convert CLI.
+    path: directory written by `save_pretrained` / the convert CLI, or a diffusers
+      model folder of a supported family.
 
   Returns:
     The same model, updated in place.
   """
   path = os.path.abspath(path)
+  if not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    # Imported lazily: the models do not depend on the conversion code.
+    from twinflow_jax.models.convert import diffusers  # pylint: disable=g-import-not-at-top
+    if diffusers.is_diffusers_dir(path):
+      return diffusers.load_into(model, path)
   params_dir = os.path.join(path, PARAMS_DIR)
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f'no Orbax parameter checkpoint at {params_dir}')

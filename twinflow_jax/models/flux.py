@@ -1,0 +1,315 @@
+"""Flux.1 transformer (diffusers' `FluxTransformer2DModel`) with TwinFlow times.
+
+Numerically the diffusers model (parity-tested against fixtures written by
+`tools/make_flux_qwen_fixture.py`): double-stream blocks, then single-stream
+blocks on [text | image], 3-axis RoPE (text ids zero, image ids (0, row,
+col)), timestep + optional guidance + pooled-CLIP conditioning, final
+AdaLayerNormContinuous. The model takes NHWC latents and packs 2x2 patches
+into tokens itself, as the Flux pipeline does.
+
+Called as `F = model(x_t, t, r, cond)`:
+  x_t  [B, H, W, C] latents, C = in_channels / 4 (16 for Flux.1), H, W even.
+  t, r [B] signed TwinFlow times. Flux's flow matching is TwinFlow's
+       (x_t = t z + (1 - t) x, velocity z - x), so the network time is
+       1000 t (the pipeline's `timestep / 1000`, times 1000 inside) and F
+       is the model output unchanged.
+  cond {'txt': [B, L, joint_attention_dim] T5 states,
+        'pooled': [B, pooled_projection_dim] CLIP pooled vector,
+        'txt_mask': [B, L] bool, optional; used only with use_txt_mask=True
+                    (Flux was trained with padded text visible, so by
+                    default the mask is ignored, as in the diffusers pipeline),
+        'guidance': [B] float, optional, for guidance_embeds checkpoints
+                    (Flux.1-dev); default `default_guidance` (the pipeline's
+                    guidance_scale=3.5). An error for checkpoints without it.}
+
+TwinFlow target time: Flux has no official TwinFlow wrapper. Following the
+official Qwen-Image one, a second timestep embedder `time_text_embed_2.
+timestep_embedder` (the key names a diffusers-style wrapper would have, as
+Qwen-Image's) embeds 1000 r and is added as `temb + temb_2(r) * (t - r)`,
+(t - r) in TwinFlow units -- the scale of Flux's own `timestep` input.
+By default it starts as a copy of the time embedder (r_embedder_init='copy',
+as the official Qwen-Image wrapper, the other distilled guidance-free
+large model): temb_2 then lives on temb's scale, and the model is exactly the
+pretrained Flux whenever r = t. 'small' (N(0, 0.02^2) kernels, zero biases,
+as the official SD3 wrapper) is the alternative. Guidance and pooled text stay
+in temb only. r_embedder=False drops the r-embedder (as the official LoRA
+configs' aux_time_embed: false); then r is ignored.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from twinflow_jax.models.configs import _check_int
+from twinflow_jax.models.diffusers_configs import (DiffusersConfigMixin,
+                                                   check_bool,
+                                                   check_rope_axes,
+                                                   check_runtime_fields,
+                                                   config_from_dict)
+from twinflow_jax.models.dual_stream import (FREQ_DIM, NORM_EPS, TOKENS, VEC,
+                                             RopeAttention, TimeTextEmbed,
+                                             dual_stream_block,
+                                             make_r_embedder, output_layer,
+                                             run_blocks, twin_time)
+from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
+                                        layer_norm, modulate)
+from twinflow_jax.models.rope import (flux_ids, pack_latents, rope_tables,
+                                      unpack_latents)
+from twinflow_jax.models.sharding import constrain
+
+ROPE_THETA = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig(DiffusersConfigMixin):
+  """Flux transformer config: diffusers' config.json fields + runtime fields.
+
+  Defaults are diffusers' (Flux.1 sizes; Flux.1-dev sets guidance_embeds).
+  """
+  DIFFUSERS_CLASS = 'FluxTransformer2DModel'
+  DIFFUSERS_FIELDS = ('patch_size', 'in_channels', 'out_channels',
+                      'num_layers', 'num_single_layers', 'attention_head_dim',
+                      'num_attention_heads', 'joint_attention_dim',
+                      'pooled_projection_dim', 'guidance_embeds',
+                      'axes_dims_rope')
+  name: str = 'flux'
+  # --- diffusers FluxTransformer2DModel config.json ---
+  patch_size: int = 1
+  in_channels: int = 64
+  out_channels: int | None = None
+  num_layers: int = 19
+  num_single_layers: int = 38
+  attention_head_dim: int = 128
+  num_attention_heads: int = 24
+  joint_attention_dim: int = 4096
+  pooled_projection_dim: int = 768
+  guidance_embeds: bool = False
+  axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+  # --- TwinFlow / runtime ---
+  default_guidance: float = 3.5
+  use_txt_mask: bool = False
+  r_embedder: bool = True
+  r_embedder_init: str = 'copy'  # 'copy' | 'small'
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  remat: str = 'none'
+  attention: str = 'xla'
+  pretrained: str = ''  # diffusers folder the architecture fields came from
+
+
+def resolve_flux_config(model_config: Mapping[str, Any]) -> FluxConfig:
+  """{'name': 'flux', ...config.json / runtime fields} -> FluxConfig.
+
+  Raises:
+    ValueError: unknown field or invalid value (the message names the field).
+  """
+  cfg = config_from_dict(FluxConfig, model_config, 'flux')
+  for f in ('patch_size', 'in_channels', 'num_layers', 'attention_head_dim',
+            'num_attention_heads', 'joint_attention_dim',
+            'pooled_projection_dim'):
+    _check_int(f, getattr(cfg, f))
+  _check_int('num_single_layers', cfg.num_single_layers, minimum=0)
+  if cfg.out_channels is not None:
+    _check_int('out_channels', cfg.out_channels)
+  check_bool('guidance_embeds', cfg.guidance_embeds)
+  check_bool('use_txt_mask', cfg.use_txt_mask)
+  if not isinstance(cfg.default_guidance, (int, float)):
+    raise ValueError("model config field 'default_guidance' must be a number")
+  check_rope_axes(cfg)
+  check_runtime_fields(cfg)
+  if cfg.in_channels % 4 or cfg.out_dim != cfg.in_channels:
+    raise ValueError(
+        f"model config fields 'in_channels' ({cfg.in_channels}), "
+        f"'out_channels' ({cfg.out_channels}), 'patch_size' "
+        f'({cfg.patch_size}): only text-to-image Flux (packed 2x2 latent '
+        'tokens in and out, in_channels = patch_size^2 * out_channels, '
+        'divisible by 4) is supported, not the Fill/Depth/Canny variants')
+  return cfg
+
+
+class FluxTransformerBlock(nnx.Module):
+  """diffusers FluxTransformerBlock (double stream): `dual_stream_block`."""
+
+  def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+    self.norm1 = Modulation(d, 6, **kw)
+    self.norm1_context = Modulation(d, 6, **kw)
+    self.attn = RopeAttention(d, cfg.num_attention_heads,
+                              cfg.attention_head_dim, joint=True,
+                              pre_only=False, attention=cfg.attention, **kw)
+    self.ff = FeedForward(d, cfg.mlp_dim, **kw)
+    self.ff_context = FeedForward(d, cfg.mlp_dim, **kw)
+
+  def __call__(self, img, txt, c, rope, key_mask):
+    """img [B, Ti, D], txt [B, Tt, D], c [B, D] -> (img, txt)."""
+    return dual_stream_block(img, txt, c, rope, key_mask, img_mod=self.norm1,
+                             txt_mod=self.norm1_context, attn=self.attn,
+                             img_ff=self.ff, txt_ff=self.ff_context)
+
+
+class FluxSingleTransformerBlock(nnx.Module):
+  """diffusers FluxSingleTransformerBlock on the joint sequence [B, T, D].
+
+  Attention and a GELU(tanh) MLP run in parallel on one modulated input;
+  `proj_out` maps their concatenation [attention (N*H) | MLP (4D)] back.
+  """
+
+  def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs):
+    d, m = cfg.hidden_size, cfg.mlp_dim
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+    self.norm = Modulation(d, 3, **kw)
+    self.proj_mlp = Dense(d, m, ('embed', 'mlp'), **kw)
+    self.attn = RopeAttention(d, cfg.num_attention_heads,
+                              cfg.attention_head_dim, joint=False,
+                              pre_only=True, attention=cfg.attention, **kw)
+    self.proj_out = Dense(d + m, d, ('mlp', 'embed'), **kw)
+
+  def __call__(self, x, c, rope, key_mask):
+    """x [B, T, D], c [B, D] -> ([B, T, D],)."""
+    shift, scale, gate = self.norm(c)
+    h = modulate(layer_norm(x, NORM_EPS), shift, scale)
+    mlp = jax.nn.gelu(self.proj_mlp(h), approximate=True)
+    mlp = constrain(mlp, ('activation_batch', 'activation_length',
+                          'activation_mlp'))
+    attn = self.attn.self_attention(h, rope, key_mask)
+    out = constrain(self.proj_out(jnp.concatenate([attn, mlp], axis=-1)),
+                    TOKENS)
+    return (constrain(x + gate[:, None] * out, TOKENS),)
+
+
+class Flux(nnx.Module):
+  """Flux.1 transformer called as `F = model(x_t, t, r, cond)` (module doc).
+
+  Module names are diffusers' (see `convert/diffusers_flux.py`).
+  """
+
+  def __init__(self, config: FluxConfig, *, rngs: nnx.Rngs):
+    cfg = config
+    self.config = cfg
+    d = cfg.hidden_size
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+              rngs=rngs)
+    self.x_embedder = Dense(cfg.in_channels, d, ('patch', 'embed'), **kw)
+    self.context_embedder = Dense(cfg.joint_attention_dim, d,
+                                  ('txt_embed', 'embed'), **kw)
+    self.time_text_embed = TimeTextEmbed(
+        d, guidance=cfg.guidance_embeds, pooled_dim=cfg.pooled_projection_dim,
+        **kw)
+    self.time_text_embed_2 = make_r_embedder(
+        self.time_text_embed, d, enabled=cfg.r_embedder,
+        init=cfg.r_embedder_init, **kw)
+    self.transformer_blocks = nnx.List([
+        FluxTransformerBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.single_transformer_blocks = nnx.List([
+        FluxSingleTransformerBlock(cfg, rngs=rngs)
+        for _ in range(cfg.num_single_layers)])
+    self.norm_out = Modulation(d, 2, **kw)
+    self.proj_out = Dense(d, cfg.out_dim, ('embed', 'patch'), **kw)
+
+  def _check(self, x, t, r, cond) -> None:
+    cfg = self.config
+    b, c = x.shape[0], cfg.latent_channels
+    if x.ndim != 4 or x.shape[-1] != c or x.shape[1] % 2 or x.shape[2] % 2:
+      raise ValueError(f'Flux expects x_t [B, H, W, {c}] with even H, W; got '
+                       f'{x.shape}')
+    if jnp.shape(t) != (b,) or jnp.shape(r) != (b,):
+      raise ValueError(f'Flux expects t, r of shape [{b}]; got '
+                       f'{jnp.shape(t)}, {jnp.shape(r)}')
+    if not isinstance(cond, Mapping) or not {'txt', 'pooled'} <= set(cond):
+      raise ValueError("Flux cond must be a dict with 'txt' [B, L, D_txt], "
+                       "'pooled' [B, P] and optionally 'txt_mask' [B, L], "
+                       "'guidance' [B]")
+    txt, pooled = cond['txt'], cond['pooled']
+    if (txt.ndim != 3 or txt.shape[0] != b
+        or txt.shape[2] != cfg.joint_attention_dim):
+      raise ValueError(f"cond['txt'] must be [{b}, L, "
+                       f'{cfg.joint_attention_dim}], got {txt.shape}')
+    if pooled.shape != (b, cfg.pooled_projection_dim):
+      raise ValueError(f"cond['pooled'] must be [{b}, "
+                       f'{cfg.pooled_projection_dim}], got {pooled.shape}')
+    mask = cond.get('txt_mask')
+    if mask is not None and mask.shape != txt.shape[:2]:
+      raise ValueError(f"cond['txt_mask'] must be {txt.shape[:2]}, got "
+                       f'{mask.shape}')
+    g = cond.get('guidance')
+    if g is not None:
+      if not cfg.guidance_embeds:
+        raise ValueError("cond['guidance'] given but the Flux checkpoint has "
+                         'no guidance embedder (guidance_embeds=False)')
+      if jnp.shape(g) != (b,):
+        raise ValueError(f"cond['guidance'] must be [{b}], got "
+                         f'{jnp.shape(g)}')
+
+  def time_embedding(self, t: jax.Array, r: jax.Array,
+                     cond: Mapping[str, jax.Array]) -> jax.Array:
+    """temb [B, D]: twin time (+ guidance) + pooled-text projection."""
+    cfg = self.config
+    emb = self.time_text_embed
+    r_emb = self.time_text_embed_2
+    temb = twin_time(emb.timestep_embedder,
+                     None if r_emb is None else r_emb.timestep_embedder, t, r)
+    if emb.guidance_embedder is not None:
+      g = cond.get('guidance')
+      if g is None:
+        g = jnp.full(jnp.shape(t), cfg.default_guidance, jnp.float32)
+      # diffusers: guidance * 1000, embedded like a timestep.
+      temb = temb + emb.guidance_embedder.embed_time(jnp.asarray(g,
+                                                                 jnp.float32))
+    temb = temb + emb.text_embedder(cond['pooled'])
+    return constrain(temb.astype(cfg.compute_dtype), VEC)
+
+  def __call__(self, x_t: jax.Array, t: jax.Array, r: jax.Array,
+               cond: Mapping[str, jax.Array]) -> jax.Array:
+    """F(x_t, t, r, cond) -> [B, H, W, C] float32 (see module doc)."""
+    self._check(x_t, t, r, cond)
+    cfg = self.config
+    b, gh, gw = x_t.shape[0], x_t.shape[1] // 2, x_t.shape[2] // 2
+    c = self.time_embedding(t, r, cond)
+    img = self.x_embedder(pack_latents(x_t.astype(cfg.compute_dtype)))
+    img = constrain(img, TOKENS)
+    txt = constrain(self.context_embedder(cond['txt']), TOKENS)
+    lt = txt.shape[1]
+    rope = tuple(jnp.asarray(a) for a in rope_tables(
+        flux_ids(gh, gw, lt), cfg.axes_dims_rope, ROPE_THETA))
+    key_mask = None
+    if cfg.use_txt_mask and cond.get('txt_mask') is not None:
+      key_mask = jnp.concatenate([jnp.asarray(cond['txt_mask'], bool),
+                                  jnp.ones((b, gh * gw), bool)], axis=1)
+    img, txt = run_blocks(self.transformer_blocks, cfg.remat_policy,
+                          (img, txt), c, rope, key_mask)
+    x = constrain(jnp.concatenate([txt, img], axis=1), TOKENS)
+    (x,) = run_blocks(self.single_transformer_blocks, cfg.remat_policy, (x,),
+                      c, rope, key_mask)
+    out = output_layer(x[:, lt:], c, self.norm_out, self.proj_out)
+    return unpack_latents(out, gh, gw).astype(jnp.float32)
+
+
+def flops_per_forward(cfg: FluxConfig, b: int, h: int, w: int, lt: int) -> int:
+  """Matmul FLOPs of one forward at latent size h x w, text length lt."""
+  if h % 2 or w % 2:
+    raise ValueError(f'flops_per_forward: latent size must be even (2x2 '
+                     f'packing), got {h}x{w}')
+  d, m = cfg.hidden_size, cfg.mlp_dim
+  ti = (h // 2) * (w // 2)
+  n = ti + lt
+  emb = 2 * b * (FREQ_DIM * d + d * d)  # one timestep MLP
+  total = emb * (1 + int(cfg.r_embedder) + int(cfg.guidance_embeds))
+  total += 2 * b * (cfg.pooled_projection_dim * d + d * d)
+  total += 2 * b * ti * cfg.in_channels * d + 2 * b * lt * (
+      cfg.joint_attention_dim * d)
+  double = (2 * 2 * b * d * 6 * d  # adaLN, both streams
+            + 2 * b * n * d * 3 * d  # q, k, v
+            + 2 * 2 * b * n * n * d  # q.k^T and p.v
+            + 2 * b * n * d * d  # output projections
+            + 2 * 2 * b * n * d * m)  # MLPs
+  single = (2 * b * d * 3 * d + 2 * b * n * d * 3 * d + 2 * 2 * b * n * n * d
+            + 2 * b * n * d * m  # proj_mlp
+            + 2 * b * n * (d + m) * d)  # proj_out
+  total += cfg.num_layers * double + cfg.num_single_layers * single
+  total += 2 * b * d * 2 * d + 2 * b * ti * d * cfg.out_dim
+  return total
