@@ -119,7 +119,7 @@ def validate(config: Any) -> None:
   _require(sample_source(config) is not None, "train.sample_from",
            f"one of {SAMPLE_FROM} or one of train.eval_ema_decays (as a string)",
            t.sample_from)
-  tf_config(config)
+  losses.block_layout(t.global_batch_size, tf_config(config))   # loss.row_blocks fits the batch
 
 
 def sample_source(config: Any) -> str | None:
