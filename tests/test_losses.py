@@ -550,5 +550,5 @@ def test_row_blocks_do_not_depend_on_the_mesh(g):
   np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
   for k in aux1:
     np.testing.assert_allclose(float(aux8[k]), float(aux1[k]), rtol=1e-5, atol=1e-6, err_msg=k)
-  for k in g1:
-    np.testing.assert_allclose(np.asarray(g8[k]), np.asarray(g1[k]), rtol=1e-5, atol=1e-6)
+  for k in g1:   # float32 sums over 8 devices in another order: 1e-5 absolute
+    np.testing.assert_allclose(np.asarray(g8[k]), np.asarray(g1[k]), rtol=1e-5, atol=1e-5)
