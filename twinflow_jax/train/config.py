@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
       sample_from="ema",       # 'ema' (TwinFlow EMA), 'params' or an eval EMA, e.g. '0.9999'
       use_tensorboard=True,    # if TensorFlow + tensorboard are installed
       init_from="",            # pretrained directory (models.convert / save_pretrained)
-      compilation_cache_dir="",  # persistent XLA cache: restarts skip recompiling
+      compilation_cache_dir="",  # persistent XLA cache ("": <workdir>/xla_cache)
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
