@@ -10,9 +10,10 @@ Measures, for a class-conditional DiT with the twin-time (target-time) embedder 
          gradient, clipping, AdamW), both with the official loss settings.
 Each side runs in its own worker process (JAX under this interpreter, PyTorch under
 `--torch-python`); the rounds alternate which side goes first, so both see the same machine.
-Peak memory is each worker's peak resident set size in a separate pass that only builds
-and runs the step (warm-up and one step), next to its resident size after importing its
-library, before the model was built.
+Peak memory comes from a separate pass per side that only builds the step (JAX: compiled,
+or read from `--jax-cache`), warms it up, then resets the kernel's resident-set high-water
+mark and runs one more step: "peak RSS while stepping" is what a training run holds; the
+process peak including setup and XLA compilation is printed beside it.
 
 The official code is not part of this project: give a checkout of inclusionAI/TwinFlow
 with `--official-repo` (its `src/methodes/twinflow/twinflow.py` is loaded from there). On a
@@ -27,7 +28,8 @@ dropout masks; the DiT has no dropout) are pointed at the CPU generator.
 PyTorch side runs under `torch.autocast(bfloat16)` with float32 weights, as the official
 training scripts do. `--jax-model` adds JSON overrides of the JAX model config (e.g.
 '{"remat": "dots", "attention": "xla"}'); `--jax-path` puts another copy of twinflow_jax
-first on the JAX worker's path (to measure an older version).
+first on the JAX worker's path; `--baseline-path` adds a third worker, `jax_before`, that
+runs another copy (e.g. an older version) in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -57,6 +59,25 @@ def _current_rss_mib() -> float:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak_rss() -> bool:
+  """Resets the kernel's resident-set high-water mark (Linux); False if not possible."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _peak_rss_mib() -> float:
+  """VmHWM: the peak resident set since start or the last `_reset_peak_rss`."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024.0
+  return _rss_mib()
+
+
 # ----------------------------------------------------------------------------- JAX worker
 
 
@@ -81,10 +102,11 @@ class JaxSide:
     self.y = jnp.asarray(rng.integers(0, 1000, b), jnp.int32)
     self.info = {"jax": jax.__version__, "model": self.model_cfg}
     self.fns = {}
-    model = models.create_model(self.model_cfg, rngs=nnx.Rngs(0))
-    graphdef, self.params, rest = models.split_model(model)
-    apply_fn = models.as_apply_fn(graphdef, rest)
-    self.apply_fn = apply_fn
+    self.params = self.apply_fn = None
+    if set(args.what.split(",")) - {"step"}:   # the step builds its own state
+      model = models.create_model(self.model_cfg, rngs=nnx.Rngs(0))
+      graphdef, self.params, rest = models.split_model(model)
+      self.apply_fn = models.as_apply_fn(graphdef, rest)
 
   def build(self, kind):
     jax, jnp = self.jax, self.jnp
@@ -149,6 +171,13 @@ class JaxSide:
     self.jax.block_until_ready(self.fns[kind]())
     return time.perf_counter() - t0
 
+  def peak_device_mib(self):
+    dev = self.jax.devices()[0]
+    if dev.platform == "cpu":
+      return None
+    stats = dev.memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**20
+
 
 # ----------------------------------------------------------------------------- torch worker
 
@@ -161,7 +190,9 @@ class TorchSide:
     sys.path.insert(0, str(ROOT / "tools"))
     import make_dit_fixture as ref  # pylint: disable=g-import-not-at-top
     self.torch, self.args = torch, args
-    torch.set_num_threads(args.threads)
+    self.device = torch.device(args.device)
+    if args.device == "cpu":
+      torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     family, size = args.model.split("-")
     depth, hidden, heads = SIZES[size.split("/")[0]]
@@ -190,24 +221,25 @@ class TorchSide:
 
     assert family == "DiT", "the PyTorch side has the DiT only"
     import copy  # pylint: disable=g-import-not-at-top
-    self.net = TwinDiT()
+    self.net = TwinDiT().to(self.device)
     self.wrapper = torch.nn.Module()
     self.wrapper.transformer = self.net
     self.wrapper.ema_transformer = copy.deepcopy(self.net).requires_grad_(False)
     self.wrapper.forward = lambda x, t, tt, c: self.net(x, t, tt, c)
     b, s, ch = args.batch, args.size, args.channels
     gen = torch.Generator().manual_seed(0)
-    self.x = torch.randn(b, ch, s, s, generator=gen)
-    self.z = torch.randn(b, ch, s, s, generator=gen)
-    self.t = torch.rand(b, generator=gen)
-    self.y = torch.randint(0, 1000, (b,), generator=gen)
-    self.null = torch.full((b,), 1000)
+    to = lambda a: a.to(self.device)
+    self.x = to(torch.randn(b, ch, s, s, generator=gen))
+    self.z = to(torch.randn(b, ch, s, s, generator=gen))
+    self.t = to(torch.rand(b, generator=gen))
+    self.y = to(torch.randint(0, 1000, (b,), generator=gen))
+    self.null = to(torch.full((b,), 1000))
     self.bf16 = args.dtype == "bfloat16"
     self.info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     self.fns = {}
 
   def _autocast(self):
-    return self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16)
+    return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.bf16)
 
   def build(self, kind):
     torch = self.torch
@@ -266,7 +298,14 @@ class TorchSide:
   def time_one(self, kind):
     t0 = time.perf_counter()
     self.fns[kind]()
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+  def peak_device_mib(self):
+    if self.device.type == "cuda":
+      return self.torch.cuda.max_memory_allocated() / 2**20
+    return None
 
 
 def _worker(args):
@@ -286,7 +325,21 @@ def _worker(args):
       out = [side.time_one(cmd["kind"]) for _ in range(cmd["iters"])]
       print(json.dumps({"times": out}), flush=True)
     elif cmd["op"] == "stats":
-      print(json.dumps({"peak_rss_mib": _rss_mib()}), flush=True)
+      print(json.dumps({"peak_rss_mib": _rss_mib(), "peak_device_mib": side.peak_device_mib()}),
+            flush=True)
+    elif cmd["op"] == "step_memory":
+      # Resident memory while stepping, after setup (compilation, warm-up) is done; heap
+      # that setup freed goes back to the system first (glibc keeps it otherwise).
+      try:
+        import ctypes  # pylint: disable=g-import-not-at-top
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+      except OSError:
+        pass
+      before = _current_rss_mib()
+      ok = _reset_peak_rss()
+      side.time_one(cmd["kind"])
+      print(json.dumps({"rss_before_mib": before, "run_peak_rss_mib":
+                        _peak_rss_mib() if ok else None}), flush=True)
     else:
       break
 
@@ -297,20 +350,33 @@ def _worker(args):
 class Worker:
   """A worker subprocess spoken to in JSON lines."""
 
-  def __init__(self, python, side, args, what, env_path=None):
-    cmd = [python, os.path.abspath(__file__), "--worker", side, "--what", what]
-    for k in ("model", "batch", "size", "channels", "threads", "dtype", "jax_model",
-              "official_repo"):
+  def __init__(self, python, side, args, what):
+    kind = "torch" if side == "torch" else "jax"
+    cmd = [python, os.path.abspath(__file__), "--worker", kind, "--what", what]
+    for k in ("model", "batch", "size", "channels", "threads", "dtype", "official_repo",
+              "device"):
       v = getattr(args, k)
       if v is not None:
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ)
-    if side == "jax":
+    if kind == "jax":
+      before = side == "jax_before"
+      cmd += ["--jax-model", args.baseline_model if before else args.jax_model]
       env["PYTHONPATH"] = os.pathsep.join(
-          p for p in [env_path, str(ROOT), env.get("PYTHONPATH", "")] if p)
+          p for p in [args.baseline_path if before else args.jax_path, str(ROOT),
+                      env.get("PYTHONPATH", "")] if p)
+      if args.jax_xla_flags and not before:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.jax_xla_flags).strip()
+    if kind == "jax" and args.jax_cache:
+      # The memory pass compiles the step again: let it come from the cache.
+      env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(args.jax_cache, side)
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                  text=True)
+    self.hello = None
+
+  def wait_ready(self):
     self.hello = self._read()
+    return self
 
   def _read(self):
     for line in self.proc.stdout:
@@ -354,12 +420,23 @@ def main(argv=None):
   ap.add_argument("--channels", type=int, default=4)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
+  ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                  help="PyTorch device (JAX uses its default backend)")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--iters", type=int, default=2, help="timed calls per side and round")
   ap.add_argument("--sides", default="jax,torch")
   ap.add_argument("--jax-model", default="{}", help="JSON overrides of the JAX model config")
   ap.add_argument("--jax-path", default=None, help="put this twinflow_jax copy first (JAX)")
+  ap.add_argument("--jax-xla-flags", default="", help="extra XLA_FLAGS of the JAX worker")
+  ap.add_argument("--baseline-path", default=None,
+                  help="also run a 'jax_before' worker from this twinflow_jax copy")
+  ap.add_argument("--baseline-model", default="{}",
+                  help="JSON model overrides of the baseline worker")
   ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+  ap.add_argument("--jax-cache", default="", help="persistent compilation cache folder of "
+                  "the JAX workers (one per worker; the memory pass then skips compiling)")
+  ap.add_argument("--peak-flops", type=float, default=0.0,
+                  help="device peak FLOP/s (e.g. from train_throughput.py) to report MFU")
   ap.add_argument("--json", default=None, help="also write the results here")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -370,14 +447,16 @@ def main(argv=None):
   if bad:
     ap.error(f"--what: unknown {bad}; choose from {KINDS}")
   sides = args.sides.split(",")
+  if args.baseline_path:
+    sides.append("jax_before")
   if "step" in what and "torch" in sides and not args.official_repo:
     ap.error("--what step needs --official-repo (a checkout of inclusionAI/TwinFlow)")
-  python = {"jax": sys.executable, "torch": args.torch_python}
+  python = {"jax": sys.executable, "jax_before": sys.executable, "torch": args.torch_python}
 
-  workers = {}
-  for side in sides:
-    print(f"starting the {side} worker (build + compile + warm-up) ...", flush=True)
-    workers[side] = Worker(python[side], side, args, ",".join(what), args.jax_path)
+  print(f"starting the {', '.join(sides)} workers (build, compile, warm-up) ...", flush=True)
+  workers = {side: Worker(python[side], side, args, ",".join(what)) for side in sides}
+  for w in workers.values():   # they start in parallel
+    w.wait_ready()
   times = {(s, k): [] for s in sides for k in what}
   for r in range(args.rounds):
     order = sides if r % 2 == 0 else sides[::-1]
@@ -399,10 +478,15 @@ def main(argv=None):
     result["min_s"][f"{s}/{k}"] = min(v)
   if not args.no_memory and "step" in what:
     for side in sides:
-      w = Worker(python[side], side, args, "step", args.jax_path)
-      w.ask(op="time", kind="step", iters=1)
+      w = Worker(python[side], side, args, "step").wait_ready()
+      mem = w.ask(op="step_memory", kind="step")
+      result[f"{side}/rss_after_setup_mib"] = mem["rss_before_mib"]
+      result[f"{side}/step_run_peak_rss_mib"] = mem["run_peak_rss_mib"]
       result[f"{side}/base_rss_mib"] = w.hello["base_rss_mib"]
-      result[f"{side}/step_peak_rss_mib"] = w.ask(op="stats")["peak_rss_mib"]
+      stats = w.ask(op="stats")
+      result[f"{side}/step_peak_rss_mib"] = stats["peak_rss_mib"]
+      if stats["peak_device_mib"] is not None:
+        result[f"{side}/step_peak_device_mib"] = stats["peak_device_mib"]
       w.close()
 
   print("\nmedian seconds per call (min in brackets)")
@@ -410,16 +494,37 @@ def main(argv=None):
     row = "  ".join(f"{s} {result['median_s'][f'{s}/{kind}']:.3f} "
                     f"[{result['min_s'][f'{s}/{kind}']:.3f}]" for s in sides)
     ratio = ""
-    if len(sides) == 2:
-      ratio = (f"  torch/jax = {result['median_s'][f'torch/{kind}'] / result['median_s'][f'jax/{kind}']:.2f}x")
+    if "torch" in sides:
+      ratio = "".join(
+          f"  torch/{s} = {result['median_s'][f'torch/{kind}'] / result['median_s'][f'{s}/{kind}']:.2f}x"
+          for s in sides if s != "torch")
     print(f"  {kind:5s} {row}{ratio}")
+  if "step" in what:
+    for side in sides:
+      flops = result["flops"]["step/official" if side == "torch" else "step/ours"]
+      achieved = flops / result["median_s"][f"{side}/step"]
+      result[f"{side}/step_model_flops_per_s"] = achieved
+      mfu = ""
+      if args.peak_flops:
+        result[f"{side}/step_mfu"] = achieved / args.peak_flops
+        mfu = f", MFU {100 * achieved / args.peak_flops:.1f}% of {args.peak_flops / 1e12:.1f} TFLOP/s"
+      print(f"  {side} step: {flops / 1e12:.3f} model TFLOP (backward = 2 forwards), "
+            f"{achieved / 1e12:.3f} TFLOP/s{mfu}")
   for side in sides:
     if f"{side}/step_peak_rss_mib" in result:
-      print(f"  {side} step peak RSS {result[f'{side}/step_peak_rss_mib']:.0f} MiB "
-            f"(after importing the library: {result[f'{side}/base_rss_mib']:.0f} MiB)")
-  if "jax" in sides:
-    print("  jax: " + json.dumps({k: (round(v, 2) if isinstance(v, float) else v)
-                                  for k, v in result["info"]["jax"].items()}))
+      if f"{side}/step_peak_device_mib" in result:
+        print(f"  {side} step peak device memory "
+              f"{result[f'{side}/step_peak_device_mib']:.0f} MiB")
+      run_peak = result[f"{side}/step_run_peak_rss_mib"]
+      print(f"  {side} step: peak RSS while stepping "
+            f"{'n/a' if run_peak is None else f'{run_peak:.0f} MiB'} (RSS after setup "
+            f"{result[f'{side}/rss_after_setup_mib']:.0f} MiB; process peak incl. setup and "
+            f"compilation {result[f'{side}/step_peak_rss_mib']:.0f} MiB; after importing the "
+            f"library {result[f'{side}/base_rss_mib']:.0f} MiB)")
+  for side in sides:
+    if side != "torch":
+      print(f"  {side}: " + json.dumps({k: (round(v, 2) if isinstance(v, float) else v)
+                                        for k, v in result["info"][side].items()}))
   print(f"  load average {' '.join(result['uptime'])}")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
