@@ -12,12 +12,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["twinflow_jax", "twinflow_jax.*"]),
     include_package_data=True,
     package_data={"twinflow_jax": ["data/assets/*", "evaluation/assets/*"]},
     install_requires=[
-        "jax>=0.10.0,<0.11",
+        # Tested: jax 0.10.2 (Python 3.11) and 0.12.0.1 (Python 3.12, which it needs).
+        "jax>=0.10.2,<0.13",
         "flax>=0.12.0,<0.13",
         "optax>=0.2.4,<0.3",
         "orbax-checkpoint>=0.12.0,<0.13",

@@ -453,3 +453,102 @@ def test_ema_schedule_and_modes():
   online, _ = losses.teacher_update(ema, params, 0.3, 0.0)
   assert online is params
   np.testing.assert_allclose(losses.ema_update(ema, params, 0.9)["w"], 0.1, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- row blocks
+# row_blocks = G: the batch is G official sub-batches of B / G rows, each with its own
+# groups and draws; the loss is the mean of their losses.
+
+
+def block_problem(nb, g, seed, config=TwinFlowConfig()):
+  """G independent official problems of nb rows (one network), block after block."""
+  blocks = [random_problem(nb, seed + k, config.image_free) for k in range(g)]
+  p, p_t = blocks[0][0], blocks[0][1]
+  cat = lambda i: np.concatenate([blk[i] for blk in blocks])
+  dr = TwinFlowDraws(*(None if blocks[0][5][f] is None else
+                       np.concatenate([blk[5][f] for blk in blocks])
+                       for f in range(len(TwinFlowDraws._fields))))
+  return p, p_t, cat(2), cat(3), cat(4), dr, blocks
+
+
+@pytest.mark.parametrize("nb,g,kw", [(4, 3, {}), (6, 2, {}), (5, 2, dict(estimate_order=0)),
+                                     (7, 2, dict(image_free=True))],
+                         ids=["4x3", "6x2", "5x2-order0", "7x2-image-free"])
+def test_row_blocks_are_the_mean_of_official_blocks(nb, g, kw):
+  config = TwinFlowConfig(row_blocks=g, **kw)
+  p, p_t, x, c, e, dr, blocks = block_problem(nb, g, seed=40 + nb, config=config)
+  # Value: the mean of the independent numpy reference over the blocks.
+  ref = np.mean([reference_loss(mlp_numpy, p, p_t, *blk[2:], config.replace(row_blocks=1))[0]
+                 for blk in blocks])
+  with jax.enable_x64(True):
+    j = lambda tree: jax.tree.map(jnp.asarray, tree)
+    loss_fn = lambda q, cfg, xx, cc, ee, dd: losses.twinflow_loss(mlp_apply, q, j(p_t), xx, cc,
+                                                                  ee, dd, cfg)[0]
+    vg = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
+    loss, grads = vg(j(p), config, j(x), j(c), j(e), j(dr))
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-9, atol=1e-9)
+    # Gradient: the mean of the official (G = 1) gradients of the blocks.
+    one = config.replace(row_blocks=1)
+    per_block = [vg(j(p), one, *(j(a) for a in blk[2:]))[1] for blk in blocks]
+    want = jax.tree.map(lambda *gs: sum(gs) / g, *per_block)
+    for k in grads:
+      np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(want[k]), rtol=1e-9,
+                                 atol=1e-12, err_msg=k)
+
+
+def test_row_blocks_layout_draws_and_errors():
+  config = TwinFlowConfig(row_blocks=8)
+  assert losses.block_layout(40, config) == (8, 5, (1, 1, 1, 2))
+  dr = losses.sample_draws(jax.random.key(0), (40, 3), config)
+  assert dr.z_fake.shape == (16, 3) and dr.z_rect.shape == (8, 3) and dr.s_rect.shape == (8,)
+  # The official rounding of B = 40 would give (10, 10, 10, 10); blocks round B / G.
+  assert losses.group_sizes(40) == (10, 10, 10, 10)
+  with pytest.raises(ValueError, match=r"row_blocks=3 does not divide the batch of 16"):
+    losses.block_layout(16, TwinFlowConfig(row_blocks=3))
+  with pytest.raises(ValueError, match=r"row_blocks=8 leaves 2 rows per block .* "
+                     r"use row_blocks <= 4"):
+    losses.sample_draws(jax.random.key(0), (16, 3), config)
+  for bad in (0, -2, 1.5, True):
+    with pytest.raises(ValueError, match="TwinFlowConfig.row_blocks must be an integer >= 1"):
+      TwinFlowConfig(row_blocks=bad)
+
+
+def test_row_blocks_count_rows_and_keep_calls_batched():
+  b, g = 24, 3
+  config = TwinFlowConfig(row_blocks=g)
+  p, p_t, x, c, e, dr, _ = block_problem(8, g, seed=0)
+  j = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+  calls = []
+  jax.eval_shape(jax.grad(lambda q: losses.twinflow_loss(counting_apply(calls), q, j(p_t),
+                                                         j(x), jnp.asarray(c), jnp.asarray(e),
+                                                         j(dr), config)[0]), j(p))
+  one_block = losses.count_network_rows(8)["ours"]
+  assert sum(calls) == g * one_block == losses.count_network_rows(b, config)["ours"]
+  assert losses.count_network_rows(b, config)["official"] == losses.count_network_rows(b)[
+      "official"]
+  assert len(calls) == 6   # still one call per kind: student, fake, enhanced, 2 chain, rect
+
+
+@pytest.mark.parametrize("g", [1, 4, 8])
+def test_row_blocks_do_not_depend_on_the_mesh(g):
+  # The same loss and gradient on one device and with the batch over 8 devices.
+  b = 32
+  config = TwinFlowConfig(row_blocks=g)
+  p, p_t, x, c, e, dr, _ = block_problem(b // g, g, seed=g)
+  j = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32)
+                                if np.asarray(a).dtype.kind == "f" else jnp.asarray(a), tree)
+  fn = lambda q, xx, cc, ee, dd: losses.twinflow_loss(mlp_apply, q, j(p_t), xx, cc, ee, dd,
+                                                      config, batch_axes=("data", "fsdp"))
+  grad_fn = jax.value_and_grad(fn, has_aux=True)
+  (loss1, aux1), g1 = jax.jit(grad_fn)(j(p), j(x), j(c), j(e), j(dr))
+  mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rows = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
+  put = lambda tree: jax.tree.map(lambda a: jax.device_put(a, rows), j(tree))
+  with jax.set_mesh(mesh):
+    (loss8, aux8), g8 = jax.jit(grad_fn)(j(p), put(x), put(c), put(e), put(dr))
+  np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
+  for k in aux1:
+    np.testing.assert_allclose(float(aux8[k]), float(aux1[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+  for k in g1:   # float32 sums over 8 devices in another order: 1e-5 absolute
+    np.testing.assert_allclose(np.asarray(g8[k]), np.asarray(g1[k]), rtol=1e-5, atol=1e-5)

@@ -121,13 +121,17 @@ def tiny_dit_config(**overrides):
       "train.compilation_cache_dir": CACHE_DIR or ""})
 
 
-def test_fsdp_and_tensor_sharded_dit_matches_one_device(tmp_path):
+@pytest.mark.parametrize("row_blocks", [1, 4])
+def test_fsdp_and_tensor_sharded_dit_matches_one_device(tmp_path, row_blocks):
   # The toy MLP is replicated; a DiT really shards its weights over fsdp and tensor.
-  sharded = loop.train(tiny_dit_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+  # row_blocks = 4 (the batch shards of the mesh) keeps the loss's rows on their shards.
+  sharded = loop.train(tiny_dit_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                          "loss.row_blocks": row_blocks}),
                        str(tmp_path / "sharded"))
   specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded.state.params)]
   assert any("fsdp" in str(s) for s in specs) and any("tensor" in str(s) for s in specs)
-  one = loop.train(tiny_dit_config(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}),
+  one = loop.train(tiny_dit_config(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1,
+                                      "loss.row_blocks": row_blocks}),
                    str(tmp_path / "one"), devices=jax.devices()[:1])
   got, ref = losses_by_step(str(tmp_path / "sharded")), losses_by_step(str(tmp_path / "one"))
   assert sorted(got) == [1, 2, 3]
@@ -365,6 +369,7 @@ def test_accumulation_updates_params_and_teacher_once_per_cycle():
     ({"train.sample_from": "0.5"}, r"config.train.sample_from must be one of"),
     ({"optim.name": "lion"}, r"unknown optim.name 'lion'"),
     ({"loss.ema_decay": 1.5}, r"TwinFlowConfig.ema_decay must be in \[0, 1\], got 1.5"),
+    ({"loss.row_blocks": 3}, r"TwinFlowConfig.row_blocks=3 does not divide the batch of 16"),
     ({"train.eval_ema_decays": (1.0,)}, r"config.train.eval_ema_decays must be decays in"),
     ({"model.depth": 0}, r"depth must be >= 1"),
 ])

@@ -17,7 +17,8 @@ loss itself is deterministic: `jit`-, `grad`- and `vmap`-safe.
 Beyond the official code, the teacher runs only on the rows whose results are used (the
 enhanced target on mul/any rows, the RCGM chain on non-adv rows), the conditional and
 unconditional teacher calls are one batched call, and the two rectification calls are one
-call. `count_network_rows` reports the resulting work.
+call. `count_network_rows` reports the resulting work. With `row_blocks` = G the batch is
+G official sub-batches, so that on a mesh every batch shard holds its own row groups.
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ class TwinFlowConfig:
     barron_c: scale parameter of the barron metric (official 1e-3).
     huber_c: scale of the pseudo-Huber metric, sqrt(mse + c^2) - c.
     group_proportions: proportions of the contiguous row groups (e2e, mul, any, adv).
+    row_blocks: G, the number of row blocks. The batch of B rows is seen as [G, B / G]:
+      each block of B / G consecutive rows is one official sub-batch with its own
+      e2e | mul | any | adv groups (sizes `group_sizes(B / G)`), its own draws and its own
+      loss, and the loss is the mean of the G block losses. G = 1 is the official layout
+      (the fixtures match it bit for bit). With G = the number of batch shards of a mesh
+      (data x fsdp) every shard holds whole blocks, so the loss moves no activations
+      between devices. B must be divisible by G with B / G >= 4; group proportions are
+      rounded per block, so for B / G not divisible by 4 the global group sizes differ
+      from the official rounding of B (e.g. B = 40, G = 8: 8, 8, 8, 16 rows instead of
+      10, 10, 10, 10).
     time_dist: (a, b, scale): t ~ clip(Beta(a, b), 0, 1) * scale.
     enhanced_range: the enhanced target applies on rows with lo < t < hi (strict).
     image_free: learn from the teacher alone: the data rows are replaced by the online
@@ -80,6 +91,7 @@ class TwinFlowConfig:
   barron_c: float = 1e-3
   huber_c: float = 1e-3
   group_proportions: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+  row_blocks: int = 1
   time_dist: tuple[float, float, float] = (1.0, 1.0, 1.0)
   enhanced_range: tuple[float, float] = (0.0, 1.0)
   image_free: bool = False
@@ -103,6 +115,9 @@ class TwinFlowConfig:
            and sum(self.group_proportions) > 0, "group_proportions",
            "4 non-negative numbers (e2e, mul, any, adv) with a positive sum",
            self.group_proportions)
+    _check(isinstance(self.row_blocks, (int, np.integer)) and not isinstance(
+        self.row_blocks, bool) and self.row_blocks >= 1, "row_blocks", "an integer >= 1",
+           self.row_blocks)
     _check(len(self.time_dist) == 3 and self.time_dist[0] > 0 and self.time_dist[1] > 0
            and 0 < self.time_dist[2] <= 1, "time_dist",
            "(a > 0, b > 0, 0 < scale <= 1)", self.time_dist)
@@ -159,10 +174,31 @@ def group_sizes(batch: int, proportions=(1, 1, 1, 1)) -> tuple[int, int, int, in
   return tuple(sizes)
 
 
+def block_layout(batch: int, config: "TwinFlowConfig") -> tuple[int, int, tuple[int, ...]]:
+  """(G, rows per block, group sizes of one block) of a batch; see `row_blocks`.
+
+  Raises ValueError naming `row_blocks` when G does not divide the batch or leaves fewer
+  than 4 rows per block.
+  """
+  g = config.row_blocks
+  if g == 1:
+    return 1, batch, group_sizes(batch, config.group_proportions)
+  if batch % g:
+    raise ValueError(f"TwinFlowConfig.row_blocks={g} does not divide the batch of {batch} "
+                     "rows (the loss sees the batch as [row_blocks, batch / row_blocks]); "
+                     "use a divisor of the batch, e.g. the number of batch shards")
+  if batch // g < 4:
+    raise ValueError(f"TwinFlowConfig.row_blocks={g} leaves {batch // g} rows per block of "
+                     f"a batch of {batch}; every block needs at least 4 rows (one per "
+                     f"group): use row_blocks <= {batch // 4}")
+  return g, batch // g, group_sizes(batch // g, config.group_proportions)
+
+
 class TwinFlowDraws(NamedTuple):
   """Every random draw of one step, in the official order.
 
-  Shapes for a batch x of shape [B, *S] with n_e2e e2e rows and n_adv adv rows:
+  Shapes for a batch x of shape [B, *S] with n_e2e e2e rows and n_adv adv rows in all
+  (with G = row_blocks blocks, G times the counts of one block, block after block):
     t: [B] base time t0 ~ Beta * scale.         (fixture key draw/t0)
     u_any: [B] r = t (1 - cor u_any).            (draw/u_tt)
     u_mul: [B] r_mul = t (1 - min(.05, cor) u).  (draw/u_tmin)
@@ -191,7 +227,8 @@ def sample_draws(key: jax.Array, x_shape, config: TwinFlowConfig = TwinFlowConfi
   if len(x_shape) < 2:
     raise ValueError(f"x must have a batch axis and at least one feature axis, got {x_shape}")
   b, feat = x_shape[0], x_shape[1:]
-  n_e2e, _, _, n_adv = group_sizes(b, config.group_proportions)
+  g, _, (n_e2e, _, _, n_adv) = block_layout(b, config)
+  n_e2e, n_adv = g * n_e2e, g * n_adv
   k = jax.random.split(key, 8)
   a_, b_, scale = config.time_dist
   if a_ == 1.0 and b_ == 1.0:
@@ -275,12 +312,70 @@ def teacher_update(ema_params: PyTree, params: PyTree, cmd, ema_decay: float):
 # ----------------------------------------------------------------------------- the loss
 
 
-def _rows(tree: PyTree, start: int, stop: int) -> PyTree:
-  return jax.tree.map(lambda a: a[start:stop], tree)
+BatchAxes = str | tuple[str, ...] | None
 
 
-def _concat(*trees: PyTree) -> PyTree:
-  return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *trees)
+def _pin_leading(a: jax.Array, axes: BatchAxes) -> jax.Array:
+  """Shards a's leading axis over the mesh axes `axes` (a no-op without a mesh).
+
+  Skipped when no mesh is set, when none of `axes` is in the mesh, or when they do not
+  divide the leading axis; the other axes are left to XLA.
+  """
+  if axes is None:
+    return a
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return a
+  axes = tuple(n for n in ((axes,) if isinstance(axes, str) else axes) if n in mesh.shape)
+  if not axes or a.shape[0] % math.prod(mesh.shape[n] for n in axes):
+    return a
+  spec = jax.sharding.PartitionSpec(axes, *([jax.sharding.PartitionSpec.UNCONSTRAINED]
+                                            * (a.ndim - 1)))
+  return jax.lax.with_sharding_constraint(a, spec)
+
+
+class _Blocks:
+  """Row bookkeeping in the [G, rows per block] view of a batch (`row_blocks`).
+
+  Every row selection keeps the blocks apart: "rows start:stop" means those rows of every
+  block, block after block, so with the leading (block) axis sharded each device only
+  ever touches its own blocks. With G = 1 every operation is the plain row slice or
+  concatenation of the official layout.
+  """
+
+  def __init__(self, g: int, axes: BatchAxes):
+    self.g, self.axes = g, axes
+
+  def pin(self, tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: _pin_leading(a, self.axes), tree)
+
+  def view(self, a: jax.Array) -> jax.Array:
+    """[G k, ...] -> [G, k, ...]."""
+    return self.pin(a.reshape((self.g, a.shape[0] // self.g) + a.shape[1:]))
+
+  def flat(self, a: jax.Array) -> jax.Array:
+    """[G, k, ...] -> [G k, ...]."""
+    return self.pin(a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:]))
+
+  def rows(self, tree: PyTree, start: int, stop: int) -> PyTree:
+    """Rows start:stop of every block."""
+    return jax.tree.map(lambda a: self.flat(self.view(a)[:, start:stop]), tree)
+
+  def join(self, *trees: PyTree) -> PyTree:
+    """Per-block concatenation: block g of the result is block g of each tree in turn."""
+    return jax.tree.map(
+        lambda *a: self.flat(jnp.concatenate([self.view(x) for x in a], axis=1)), *trees)
+
+  def halves(self, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `join` of two trees of equal size."""
+    v = self.view(a)
+    k = v.shape[1] // 2
+    return self.flat(v[:, :k]), self.flat(v[:, k:])
+
+  def set_rows(self, a: jax.Array, start: int, value: jax.Array) -> jax.Array:
+    """a with rows start:start + k of every block replaced by `value` [G k, ...]."""
+    v = self.view(value)
+    return self.flat(self.view(a).at[:, start:start + v.shape[1]].set(v))
 
 
 def _bcast(a: jax.Array, like: jax.Array) -> jax.Array:
@@ -292,7 +387,8 @@ def _check_inputs(x, cond, uncond, draws: TwinFlowDraws, config: TwinFlowConfig)
   if x.ndim < 2:
     raise ValueError(f"x must be [B, ...] with at least one feature axis, got shape {x.shape}")
   b = x.shape[0]
-  n_e2e, _, _, n_adv = group_sizes(b, config.group_proportions)
+  g, _, (n_e2e, _, _, n_adv) = block_layout(b, config)
+  n_e2e, n_adv = g * n_e2e, g * n_adv
   want = dict(t=(b,), u_any=(b,), u_mul=(b,), z_fake=(n_adv, *x.shape[1:]), z=x.shape,
               z_rect=(n_e2e, *x.shape[1:]), s_rect=(n_e2e,))
   if config.image_free:
@@ -314,7 +410,8 @@ def _check_inputs(x, cond, uncond, draws: TwinFlowDraws, config: TwinFlowConfig)
 
 def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | None,
                   x: jax.Array, cond: PyTree, uncond: PyTree, draws: TwinFlowDraws,
-                  config: TwinFlowConfig = TwinFlowConfig()):
+                  config: TwinFlowConfig = TwinFlowConfig(), *,
+                  batch_axes: BatchAxes = None):
   """The TwinFlow loss of one batch (official `TwinFlow.training_step`).
 
   Args:
@@ -327,7 +424,12 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
     cond: condition c, a pytree whose leaves have leading axis B (e.g. labels [B]).
     uncond: the "unconditional" e for the enhanced target, same structure as cond.
     draws: the step's random draws (`sample_draws(key, x.shape, config)`).
-    config: hyper-parameters.
+    config: hyper-parameters. With `row_blocks` = G > 1 the loss is the mean of the
+      official losses of the G blocks of B / G consecutive rows.
+    batch_axes: mesh axes the batch is sharded over (e.g. ('data', 'fsdp')); under a mesh
+      the loss then pins the block axis of every row selection and network input to them,
+      so with G a multiple of their size each device keeps its own blocks. None: no
+      constraints (XLA propagates the input shardings). The value never depends on it.
 
   Returns:
     (loss, aux): the scalar loss L_main + rect_coef * L_rect, and a dict of scalar terms
@@ -337,10 +439,12 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
   _check_inputs(x, cond, uncond, draws, config)
   cfg = config
   b = x.shape[0]
-  n_e2e, n_mul, n_any, n_adv = group_sizes(b, cfg.group_proportions)
-  n_real = b - n_adv                      # non-adv rows are the prefix [0, n_real)
-  # Static row masks (groups are contiguous, in the order e2e | mul | any | adv).
-  group_id = np.repeat(np.arange(4), (n_e2e, n_mul, n_any, n_adv))
+  g, nb, (n_e2e, n_mul, n_any, n_adv) = block_layout(b, cfg)
+  blk = _Blocks(g, batch_axes)
+  x, cond, uncond, draws = blk.pin((x, cond, uncond, draws))
+  n_real = nb - n_adv                     # non-adv rows are the prefix [0, n_real) of a block
+  # Static row masks (groups are contiguous in each block: e2e | mul | any | adv).
+  group_id = np.tile(np.repeat(np.arange(4), (n_e2e, n_mul, n_any, n_adv)), g)
   is_e2e, is_mul, is_adv = group_id == 0, group_id == 1, group_id == 3
   # Targets and G are computed in float32 at least (float64 when x is float64).
   ct = jnp.promote_types(x.dtype, jnp.float32)
@@ -362,7 +466,7 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
     teacher = None
 
   def net(p, xt, t, r, c):
-    return apply_fn(p, xt, t, r, c).astype(ct)
+    return blk.pin(apply_fn(p, xt, t, r, c).astype(ct))
 
   # 1-2. Times: r = t (1 - cor u); e2e rows (t, r) = (1, 0); mul rows r within 5% of t.
   t0 = draws.t.astype(ct)
@@ -380,9 +484,9 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
   # 3. Fake data for the adv rows: the online one-step samples, r = -t.
   if n_adv:
     z_f = draws.z_fake.astype(ct)
-    ones = jnp.ones((n_adv,), ct)
-    x_fake = sg(z_f - net(online, z_f, ones, 0 * ones, _rows(cond, n_real, b)))
-    x = jnp.concatenate([x[:n_real], x_fake], axis=0)
+    ones = jnp.ones((g * n_adv,), ct)
+    x_fake = sg(z_f - net(online, z_f, ones, 0 * ones, blk.rows(cond, n_real, nb)))
+    x = blk.join(blk.rows(x, 0, n_real), x_fake)
     r = jnp.where(is_adv, -t, r)
 
   # 4. Interpolation at |t|, then adv rows flip to negative time (t = r = -t').
@@ -403,25 +507,26 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
     start = 0 if lo < 1.0 < hi else n_e2e   # e2e rows have t = 1
     stop = n_real                           # adv rows are never enhanced
     if stop > start:
-      xs, ts = x_t[start:stop], t[start:stop]
-      f_both = net(teacher, _concat(xs, xs), _concat(ts, ts), _concat(ts, ts),
-                   _concat(_rows(cond, start, stop), _rows(uncond, start, stop)))
-      f_c, f_e = f_both[:stop - start], f_both[stop - start:]
-      enhanced = v[start:stop] + cfg.enhanced_ratio * (f_c - f_e)
+      xs, ts = blk.rows(x_t, start, stop), blk.rows(t, start, stop)
+      f_both = net(teacher, blk.join(xs, xs), blk.join(ts, ts), blk.join(ts, ts),
+                   blk.join(blk.rows(cond, start, stop), blk.rows(uncond, start, stop)))
+      f_c, f_e = blk.halves(f_both)
+      v_s = blk.rows(v, start, stop)
+      enhanced = v_s + cfg.enhanced_ratio * (f_c - f_e)
       if cfg.ema_decay == 1.0 and cfg.image_free:
         enhanced = cfg.enhanced_ratio * (f_c - f_e) + f_e
       in_range = _bcast((ts > lo) & (ts < hi), xs)
-      target = target.at[start:stop].set(jnp.where(in_range, enhanced, v[start:stop]))
+      target = blk.set_rows(target, start, jnp.where(in_range, enhanced, v_s))
 
   # 8. RCGM N-th order target on the non-adv rows (the official code skips it when there
   # are no e2e or any rows). Frozen teacher: the official code runs the chain online.
   if rcgm_on:
     chain_params = online if cfg.ema_decay == 1.0 else teacher
-    tr, rr, vr, fr = t[:n_real], r[:n_real], target[:n_real], f[:n_real]
-    c_real = _rows(cond, 0, n_real)
+    tr, rr, vr, fr = (blk.rows(a, 0, n_real) for a in (t, r, target, f))
+    c_real = blk.rows(cond, 0, n_real)
     delta = cfg.delta
     t_m = jnp.maximum(tr - delta, rr)
-    x_c = x_t[:n_real] - delta * vr
+    x_c = blk.rows(x_t, 0, n_real) - delta * vr
     n = cfg.estimate_order
     taus = [t_m * (1 - i / n) + rr * (i / n) for i in range(n + 1)]
     d_sum = jnp.zeros_like(x_c)
@@ -443,9 +548,10 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
     cof_r = jnp.where(short, jnp.where(gap > 0, 1.0 / safe_gap, 0.0), 1.0 / delta)
     resid = fr * _bcast(cof_l, fr) - d_sum * _bcast(cof_r, fr) - vr
     rcgm = fr - jnp.clip(resid, -1.0, 1.0)
-    target = target.at[:n_real].set(rcgm)
+    target = blk.set_rows(target, 0, rcgm)
 
-  # 9. Weights, 1 on adv rows; main loss.
+  # 9. Weights, 1 on adv rows; main loss. Blocks have equal sizes, so the mean over all
+  # rows is the mean of the block means.
   w = jnp.tan((1 - (jnp.abs(t) - jnp.abs(r))) * math.pi / 2.5) + 1
   w = jnp.where(is_adv, 1.0, w).astype(ct)
   per_row = w * row_distance(f_student, sg(target), cfg)
@@ -453,31 +559,32 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
     loss_main = jnp.mean(per_row)
   elif n_mul + n_adv > 0:
     # Without RCGM only the mul and adv rows are trained (official behaviour).
-    loss_main = jnp.mean(per_row[np.flatnonzero(is_mul | is_adv)])
+    trained = np.flatnonzero(is_mul[:nb] | is_adv[:nb])
+    loss_main = jnp.mean(blk.view(per_row)[:, trained])
   else:
     loss_main = jnp.zeros((), ct)
 
   # 10. Rectification on the e2e rows: one online call at (-s, -s) and (s, s).
   loss_rect = jnp.zeros((), ct)
   if cor == 1.0 and n_e2e > 0 and cfg.rect_coef != 0.0:
-    x_e = sg(x_t[:n_e2e] - f[:n_e2e])             # |t| = 1: the one-step samples
+    f_e2e = blk.rows(f_student, 0, n_e2e)
+    x_e = sg(blk.rows(x_t, 0, n_e2e) - sg(f_e2e))   # |t| = 1: the one-step samples
     s = draws.s_rect.astype(ct)
     x_s = _bcast(s, x_e) * draws.z_rect.astype(ct) + (1 - _bcast(s, x_e)) * x_e
-    ts = jnp.concatenate([-s, s])
-    c_e2e = _rows(cond, 0, n_e2e)
-    f_both = net(online, _concat(x_s, x_s), ts, ts, _concat(c_e2e, c_e2e))
+    ts = blk.join(-s, s)
+    c_e2e = blk.rows(cond, 0, n_e2e)
+    f_fake, f_real = blk.halves(net(online, blk.join(x_s, x_s), ts, ts, blk.join(c_e2e, c_e2e)))
     # The official code rounds G to float32 (even in a float64 run); so do we.
-    g = jnp.clip((f_both[:n_e2e] - f_both[n_e2e:]).astype(jnp.float32), -1.0, 1.0).astype(ct)
-    f_e2e = f_student[:n_e2e]
-    loss_rect = jnp.mean(row_distance(f_e2e, sg(f_e2e) - g, cfg))
+    grad = jnp.clip((f_fake - f_real).astype(jnp.float32), -1.0, 1.0).astype(ct)
+    loss_rect = jnp.mean(row_distance(f_e2e, sg(f_e2e) - grad, cfg))
 
   loss = loss_main + cfg.rect_coef * loss_rect
   aux = {"loss": loss, "loss_main": loss_main, "loss_rect": loss_rect,
-         "loss_adv": jnp.mean(per_row[n_real:]) if n_adv else jnp.zeros((), ct)}
+         "loss_adv": jnp.mean(blk.rows(per_row, n_real, nb)) if n_adv else jnp.zeros((), ct)}
   start = 0
   for name, size in zip(GROUPS, (n_e2e, n_mul, n_any, n_adv)):
     if size:
-      aux[f"group/{name}"] = sg(jnp.mean(per_row[start:start + size]))
+      aux[f"group/{name}"] = jnp.mean(blk.rows(per_row, start, start + size))
     start += size
   aux = {k: sg(val) for k, val in aux.items()}
   return loss, aux
@@ -487,22 +594,33 @@ def count_network_rows(batch: int, config: TwinFlowConfig = TwinFlowConfig()) ->
   """Rows passed through the network per step: this implementation vs the official code.
 
   Returns a dict with "ours" and "official" (row counts, student included) so the saving
-  can be reported; the test suite checks "ours" against an instrumented apply_fn.
+  can be reported; the test suite checks "ours" against an instrumented apply_fn. With
+  `row_blocks` = G, "ours" sums the G blocks (the calls stay batched: one call per kind
+  with G times the rows of a block), and "official" is the official code on the whole
+  batch of `batch` rows, the layout it would run otherwise.
   """
-  n_e2e, n_mul, n_any, n_adv = group_sizes(batch, config.group_proportions)
+  g, nb, (n_e2e, n_mul, n_any, n_adv) = block_layout(batch, config)
+  ours = g * _rows_per_step(nb, (n_e2e, n_mul, n_any, n_adv), config, official=False)
+  official = _rows_per_step(batch, group_sizes(batch, config.group_proportions), config,
+                            official=True)
+  return {"ours": ours, "official": official}
+
+
+def _rows_per_step(batch: int, sizes, config: TwinFlowConfig, official: bool) -> int:
+  n_e2e, n_mul, n_any, n_adv = sizes
   n_real = batch - n_adv
   cfg = config
   enr_on = cfg.estimate_order >= 0 and cfg.enhanced_ratio != 0.0
   rcgm_on = (cfg.estimate_order >= 1 and cfg.consistency_ratio != 0.0
              and (n_e2e + n_any) > 0)
   rect_on = cfg.consistency_ratio == 1.0 and n_e2e > 0
+  free = batch if cfg.image_free else 0
+  if official:
+    return (batch + free + n_adv + (2 * batch if enr_on else 0)
+            + (cfg.estimate_order * batch if rcgm_on else 0)
+            + (2 * n_e2e if rect_on else 0))
   lo, hi = cfg.enhanced_range
   enh_rows = n_real - (0 if lo < 1.0 < hi else n_e2e)
-  free = batch if cfg.image_free else 0
-  ours = (batch + free + n_adv + (2 * enh_rows if enr_on else 0)
+  return (batch + free + n_adv + (2 * enh_rows if enr_on else 0)
           + (cfg.estimate_order * n_real if rcgm_on else 0)
           + (2 * n_e2e if rect_on and cfg.rect_coef != 0.0 else 0))
-  official = (batch + free + n_adv + (2 * batch if enr_on else 0)
-              + (cfg.estimate_order * batch if rcgm_on else 0)
-              + (2 * n_e2e if rect_on else 0))
-  return {"ours": ours, "official": official}

@@ -3,8 +3,24 @@
 All models call `dot_product_attention`; the implementation is picked by name,
 so a TPU kernel (e.g. splash attention) can be slotted in later with
 `register_attention('splash', fn)` without touching the model code.
+
+Implementations:
+  'xla'     `jax.nn.dot_product_attention(implementation='xla')`.
+  'cudnn'   `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs.
+  'einsum'  softmax attention written out in the [B, N, T, H] layout (batch and
+            heads leading, as matrix kernels want them), float32 logits and
+            softmax, and a backward that keeps only q, k, v, the output and
+            the log-sum-exp of each query row and recomputes the probabilities
+            (like flash attention): the [B, N, T, S] logits and probabilities
+            are never saved for the backward pass.
+  'auto'    'einsum' on CPU, `jax.nn.dot_product_attention` with its own
+            choice elsewhere (cuDNN where it applies on GPUs, XLA on TPUs).
+All of them compute the same function; 'einsum' matches 'xla' to float32
+rounding (its backward to about 1e-6 relative).
 """
 
+import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -27,10 +43,70 @@ def _jax_attention(implementation: str | None) -> AttentionFn:
   return fn
 
 
+def _logits_dtype(q):
+  return jnp.promote_types(q.dtype, jnp.float32)
+
+
+def _masked_logits(q, k, key_mask, scale):
+  """[B, N, T, H] x [B, N, S, H] -> logits [B, N, T, S], float32 or wider."""
+  dt = _logits_dtype(q)
+  logits = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=dt) * scale
+  if key_mask is not None:
+    big_neg = jnp.finfo(dt).min * 0.7   # as jax.nn's masking value
+    logits = jnp.where(key_mask[:, None, None, :], logits, big_neg)
+  return logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_bnth(q, k, v, key_mask, scale):
+  return _attention_bnth_fwd(q, k, v, key_mask, scale)[0]
+
+
+def _attention_bnth_fwd(q, k, v, key_mask, scale):
+  logits = _masked_logits(q, k, key_mask, scale)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits - m)
+  s = jnp.sum(e, axis=-1, keepdims=True)
+  o = jnp.einsum('bnts,bnsh->bnth', (e / s).astype(v.dtype), v)
+  lse = m + jnp.log(s)                                    # [B, N, T, 1]
+  return o, (q, k, v, key_mask, o, lse)
+
+
+def _attention_bnth_bwd(scale, res, do):
+  q, k, v, key_mask, o, lse = res
+  dt = _logits_dtype(q)
+  p = jnp.exp(_masked_logits(q, k, key_mask, scale) - lse)   # float32 or wider
+  dv = jnp.einsum('bnts,bnth->bnsh', p.astype(v.dtype), do, preferred_element_type=dt)
+  dp = jnp.einsum('bnth,bnsh->bnts', do, v, preferred_element_type=dt)
+  delta = jnp.sum(do.astype(dt) * o.astype(dt), axis=-1, keepdims=True)
+  ds = (p * (dp - delta) * scale).astype(q.dtype)
+  dq = jnp.einsum('bnts,bnsh->bnth', ds, k, preferred_element_type=dt)
+  dk = jnp.einsum('bnts,bnth->bnsh', ds, q, preferred_element_type=dt)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention_bnth.defvjp(_attention_bnth_fwd, _attention_bnth_bwd)
+
+
+def _einsum_attention(q, k, v, key_mask):
+  """Softmax attention in the [B, N, T, H] layout; see the module doc."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  to_bnth = lambda a: jnp.transpose(a, (0, 2, 1, 3))
+  o = _attention_bnth(to_bnth(q), to_bnth(k), to_bnth(v), key_mask, scale)
+  return jnp.transpose(o, (0, 2, 1, 3))
+
+
+def _auto_attention(q, k, v, key_mask):
+  if jax.default_backend() == 'cpu':
+    return _einsum_attention(q, k, v, key_mask)
+  return _jax_attention(None)(q, k, v, key_mask)
+
+
 _REGISTRY: dict[str, AttentionFn] = {
     'xla': _jax_attention('xla'),  # CPU and TPU
     'cudnn': _jax_attention('cudnn'),  # NVIDIA GPUs only
-    'auto': _jax_attention(None),  # cuDNN where it applies, else XLA
+    'einsum': _einsum_attention,  # any backend; the fastest on CPU
+    'auto': _auto_attention,  # einsum on CPU, else jax.nn's own choice
 }
 
 
@@ -59,7 +135,7 @@ def dot_product_attention(
     k: keys [B, S, N, H].
     v: values [B, S, N, H].
     key_mask: [B, S] bool, True = key may be attended to; None = all.
-    impl: registered implementation name ('xla', 'cudnn', 'auto', ...).
+    impl: registered implementation name ('xla', 'cudnn', 'einsum', 'auto', ...).
 
   Returns:
     [B, T, N, H] in q's dtype.

@@ -23,6 +23,11 @@ import numpy as np
 from flax import nnx
 
 from twinflow_jax.models.layers import Dense, normal_002
+from twinflow_jax.models.sharding import constrain
+
+# Per-row vectors [B, D] (time and label embeddings) stay sharded like the batch, so
+# that FSDP gathers the embedders' weights instead of moving rows between devices.
+ROWS = ('activation_batch', 'activation_embed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +95,10 @@ class TimestepEmbedder(nnx.Module):
 
   def __call__(self, t_net: jax.Array) -> jax.Array:
     """[B] network times -> [B, D]."""
-    return self.fc2(jax.nn.silu(self.fc1(
-        timestep_embedding(t_net, self.freq_dim))))
+    emb = constrain(timestep_embedding(t_net, self.freq_dim),
+                    ('activation_batch', None))
+    h = constrain(jax.nn.silu(self.fc1(emb)), ROWS)
+    return constrain(self.fc2(h), ROWS)
 
 
 class TwinTimeEmbedder(nnx.Module):
@@ -124,7 +131,7 @@ class TwinTimeEmbedder(nnx.Module):
     net = self.convention.net_time
     e_t = self.t_embedder(net(t))
     e_r = self.r_embedder(net(r))
-    return e_t + (t - r)[:, None].astype(e_r.dtype) * e_r
+    return constrain(e_t + (t - r)[:, None].astype(e_r.dtype) * e_r, ROWS)
 
 
 def copy_params(src: nnx.Module, dst: nnx.Module) -> None:
@@ -148,7 +155,10 @@ class LabelEmbedder(nnx.Module):
 
   def __call__(self, labels: jax.Array) -> jax.Array:
     """int labels [B] in [0, num_classes] -> [B, D] (NaN rows outside)."""
-    return jnp.take(self.embedding[...], labels, axis=0).astype(self.dtype)
+    # The whole table on every device (an FSDP weight gather), then a local lookup:
+    # gathering from the 'embed'-sharded table would reshard the rows instead.
+    table = constrain(self.embedding[...], (None, None))
+    return constrain(jnp.take(table, labels, axis=0).astype(self.dtype), ROWS)
 
 
 def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int) -> np.ndarray:

@@ -5,6 +5,7 @@ compute runs in `dtype` while parameters are stored in `param_dtype`.
 Normalisation statistics are always taken in float32.
 """
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -102,6 +103,34 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """`jax.nn.gelu(x, approximate=True)`, whose backward keeps only x.
+
+  Autodiff of the tanh formula saves several of its intermediates (each the
+  size of the MLP's hidden activations) for the backward pass; this version
+  saves x and recomputes tanh there, as PyTorch's GELU does. Same forward,
+  the same gradient up to float rounding.
+  """
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x):
+  return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_tanh_bwd(x, g):
+  # d/dx 0.5 x (1 + tanh(u)), u = c (x + a x^3).
+  c, a = math.sqrt(2.0 / math.pi), 0.044715
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  t = jnp.tanh(c * (x32 + a * x32 * x32 * x32))
+  d = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * c * (1 + 3 * a * x32 * x32)
+  return ((g.astype(d.dtype) * d).astype(g.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
 class FeedForward(nnx.Module):
   """Transformer MLP: Dense -> GELU(tanh) -> Dense, hidden `mlp_dim`."""
 
@@ -113,7 +142,7 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, D] -> [B, T, D]."""
-    h = jax.nn.gelu(self.fc1(x), approximate=True)
+    h = gelu_tanh(self.fc1(x))
     h = constrain(h, ('activation_batch', 'activation_length',
                       'activation_mlp'))
     return constrain(self.fc2(h), ('activation_batch', 'activation_length',

@@ -84,6 +84,26 @@ def logical_to_mesh_spec(
                          for n in names))
 
 
+def mesh_axes(name: str) -> tuple[str, ...] | None:
+  """Mesh axes that logical `name` maps to under the active mesh and rules.
+
+  Uses the rules of `nnx.logical_axis_rules(...)` or else
+  `DEFAULT_LOGICAL_AXIS_RULES`, keeps only axes the current mesh has, and
+  returns None without a mesh or when nothing is left (e.g. the batch axes
+  ('data', 'fsdp') for 'activation_batch' under the default rules).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  axes = dict(core_spmd.get_logical_axis_rules()
+              or DEFAULT_LOGICAL_AXIS_RULES).get(name)
+  if axes is None:
+    return None
+  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes)
+               if a in mesh.shape)
+  return axes or None
+
+
 def _mesh_axis_size(mesh, axes) -> int:
   if axes is None:
     return 1

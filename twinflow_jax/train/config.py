@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
       sample_from="ema",       # 'ema' (TwinFlow EMA), 'params' or an eval EMA, e.g. '0.9999'
       use_tensorboard=True,    # if TensorFlow + tensorboard are installed
       init_from="",            # pretrained directory (models.convert / save_pretrained)
-      compilation_cache_dir="",  # persistent XLA cache: restarts skip recompiling
+      compilation_cache_dir="",  # persistent XLA cache ("": <workdir>/xla_cache)
       # Faults (docs/checkpoints.md):
       max_consecutive_skips=20,  # stop (exit 3) after this many non-finite steps in a row
       verify_checkpoints=True,   # read each saved checkpoint back before rotating old ones
@@ -128,7 +128,7 @@ def validate(config: Any) -> None:
   _require(sample_source(config) is not None, "train.sample_from",
            f"one of {SAMPLE_FROM} or one of train.eval_ema_decays (as a string)",
            t.sample_from)
-  tf_config(config)
+  losses.block_layout(t.global_batch_size, tf_config(config))   # loss.row_blocks fits the batch
 
 
 def _check_warmup(config: Any) -> None:

@@ -310,8 +310,9 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   """
   is_main = jax.process_index() == 0
   multi_process = jax.process_count() > 1
-  if config.train.compilation_cache_dir:
-    enable_compilation_cache(config.train.compilation_cache_dir)
+  # Persistent XLA cache, by default in the workdir: a resumed run does not recompile.
+  enable_compilation_cache(config.train.compilation_cache_dir
+                           or os.path.join(workdir, "xla_cache"))
   setup = build(config, devices)
   t = config.train
   if is_main:

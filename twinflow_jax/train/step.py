@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from twinflow_jax import losses
+from twinflow_jax.models import sharding as sharding_lib
 from twinflow_jax.train.state import eval_ema_name
 from twinflow_jax.train.state import TrainState
 
@@ -113,8 +114,12 @@ def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
                              state.ema)
       new_cmd = jnp.where(at_cycle_start, new_cmd, state.ema_cmd)
 
+    # The loss keeps its row blocks on the batch shards (see TwinFlowConfig.row_blocks).
+    batch_axes = sharding_lib.mesh_axes("activation_batch")
+
     def loss_fn(params):
-      return losses.twinflow_loss(apply_fn, params, new_ema, x, cond, e, draws, tf_config)
+      return losses.twinflow_loss(apply_fn, params, new_ema, x, cond, e, draws, tf_config,
+                                  batch_axes=batch_axes)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
