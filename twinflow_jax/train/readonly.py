@@ -192,6 +192,22 @@ def data_spec_of(config: Any):
   return data_lib.get_data_spec(c)
 
 
+def _keep_compilation_cache_out_of(workdir: str) -> None:
+  """Turns off a persistent XLA cache that would write into the run's folder.
+
+  The trainer points JAX's process-wide cache at <workdir>/xla_cache; sampling from that
+  run later in the same process (a notebook, a test) must not add files to it.
+  """
+  cache = jax.config.jax_compilation_cache_dir
+  if not cache:
+    return
+  cache, root = os.path.realpath(cache), os.path.realpath(workdir)
+  if cache == root or cache.startswith(root + os.sep):
+    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+
+
 def load_run(workdir: str, step: int | None = None, weights: Sequence[str] = ("ema",),
              devices: Sequence[jax.Device] | None = None) -> LoadedRun:
   """Builds a run's model from its config and reads the named weights, read-only.
@@ -210,6 +226,7 @@ def load_run(workdir: str, step: int | None = None, weights: Sequence[str] = ("e
 
   if not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir} is not a directory")
+  _keep_compilation_cache_out_of(workdir)
   steps = complete_steps(workdir)
   if not steps:
     raise CheckpointReadError(f"{workdir} holds no complete checkpoint (nothing in "
