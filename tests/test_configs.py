@@ -16,10 +16,11 @@ from absl import flags
 from ml_collections import config_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Every config, including the ones that take an argument (FILE:ARG).
-CONFIGS = ["default.py", "toy2d.py", "toy2d.py:moons", "toy2d.py:checkerboard",
-           "cifar10_dit.py", "imagenet256_sit_xl2.py", "imagenet256_sit_xl2.py:/ckpt/sit",
-           "t2i_mmdit.py"]
+# Every config file in configs/ (found, so a new one cannot be missed), plus the variants
+# that take an argument (FILE:ARG).
+CONFIG_ARGS = ["toy2d.py:moons", "toy2d.py:checkerboard", "imagenet256_sit_xl2.py:/ckpt/sit"]
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py")
+                 if not p.name.startswith("_")) + CONFIG_ARGS
 
 
 def _parse(spec, overrides=()):
