@@ -13,7 +13,12 @@ import jax
 import numpy as np
 import pytest
 
+import orbax.checkpoint as ocp
+
 from twinflow_jax import main as main_lib
+from twinflow_jax.models import convert
+from twinflow_jax.models.convert.safetensors_io import SafetensorsFolder
+from twinflow_jax.models.param_tree import flatten
 from twinflow_jax.data import arrayrecord_io
 
 import tiny_diffusers
@@ -90,6 +95,26 @@ def test_sd35_lora_config_trains_through_main(tmp_path, monkeypatch):
   rows, saved = run_main(c, tmp_path / 'run', monkeypatch)
   assert len(saved['lora']['base_fingerprint']) == 16
   assert rows[-1]['grad_norm'] > 0
+  # The checkpoint holds the adapters only (params, EMA, optimizer state).
+  step_dir = tmp_path / 'run' / 'checkpoints' / '2' / 'state'
+  tree = ocp.StandardCheckpointer().metadata(str(step_dir)).item_metadata.tree
+  leaves = ['/'.join(map(str, p)) for p in flatten(tree)]
+  arrays = [n for n in leaves if n.split('/')[0] in ('params', 'ema', 'opt_state')]
+  assert arrays and all(n.endswith(('lora_a', 'lora_b')) or 'count' in n for n in arrays)
+  # Merge-and-export: base + (alpha / rank) A B under the diffusers names.
+  out = str(tmp_path / 'export')
+  monkeypatch.setattr(convert.cli, '_fsdp_mesh', lambda: jax.make_mesh(
+      (1, 2, 1), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:2],
+      axis_types=(jax.sharding.AxisType.Auto,) * 3))
+  assert convert.main(['diffusers-export', '--src', str(tmp_path / 'run'), '--out', out]) == 0
+  with SafetensorsFolder(out) as f, SafetensorsFolder(c.train.init_from) as b:
+    key = 'transformer_blocks.0.attn.to_q.weight'
+    params = ocp.StandardCheckpointer().restore(str(step_dir))['params']
+    q = params['transformer_blocks']['0']['attn']['to_q']
+    want = b.read(key).astype(np.float32) + (
+        c.lora.alpha / c.lora.rank * (q['lora_a'] @ q['lora_b'])).T
+    np.testing.assert_allclose(f.read(key).astype(np.float32), want, atol=1e-6)
+    np.testing.assert_array_equal(f.read('proj_out.weight'), b.read('proj_out.weight'))
 
 
 def test_qwen_image_lora_config_trains_through_main(tmp_path, monkeypatch):

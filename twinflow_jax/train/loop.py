@@ -180,8 +180,8 @@ def load_frozen_base(setup: Setup, path: str, seed: int = 0) -> Any:
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
     frozen = jax.jit(setup.frozen_init_fn, out_shardings=setup.frozen_shardings)(
         jax.random.key(seed))
-    adapters = jax.jit(setup.init_fn, out_shardings=setup.shardings)(
-        jax.random.key(seed)).params
+    adapters = jax.tree.map(lambda a, sh: jnp.zeros(a.shape, a.dtype, device=sh),
+                            setup.abstract_state.params, setup.shardings.params)
     return lora_train.load_base(setup.graphdef, adapters, frozen, path,
                                 setup.frozen_shardings)
 
