@@ -139,3 +139,34 @@ def test_official_lora_loss_teacher_and_time_input(tmp_path):
   two_times = float(restated(True, False))        # (t, r) as in the full fine-tune
   assert abs(online_teacher - official) > 1e-3 * abs(official)
   assert abs(two_times - official) > 1e-3 * abs(official)
+
+
+def test_frozen_base_is_sharded_like_the_full_model_and_holds_no_optimizer_state(tmp_path):
+  import test_lora_configs as cfgs  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models.param_tree import flatten  # pylint: disable=g-import-not-at-top
+
+  def setup_of(variant):
+    (tmp_path / variant).mkdir()
+    c = cfgs.tiny(cfgs.load_config('sd35_twinflow.py', variant), SD35M, tmp_path / variant,
+                  (8, 12, 4), 16, cut=False)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    if variant == 'full':
+      c.model.r_embedder = False
+    return loop.build(c)
+
+  full, lo = setup_of('full'), setup_of('lora')
+  spec = lambda s: s.spec
+  full_specs = {tuple(map(str, p)): spec(s) for p, s in flatten(full.shardings.params).items()}
+  base_specs = {tuple(str(k) for k in p if str(k) != 'base_module'): spec(s)
+                for p, s in flatten(lo.frozen_shardings).items()}
+  assert base_specs == full_specs   # every base weight, sharded as in a full fine-tune
+  assert any(s != jax.sharding.PartitionSpec() for s in base_specs.values())
+  # TrainState: adapters only (params, EMA, optimizer moments).
+  names = ['/'.join(map(str, p)) for p in flatten(lo.abstract_state.params)]
+  assert names and all(n.endswith(('lora_a', 'lora_b')) for n in names)
+  opt = [a.shape for a in jax.tree.leaves(lo.abstract_state.opt_state) if a.ndim]
+  lora_shapes = [a.shape for a in jax.tree.leaves(lo.abstract_state.params)]
+  assert sorted(opt) == sorted(lora_shapes * 2)   # Adam mu and nu of the factors
+  assert jax.tree.structure(lo.abstract_state.ema) == jax.tree.structure(
+      lo.abstract_state.params)

@@ -43,14 +43,15 @@ def write_records(path, latent_shape, txt_len, txt_dim, pooled_dim, n=16):
   return arrayrecord_io.write_arrays(str(path / 'train'), 't2i', arrays)
 
 
-def tiny(c, fixture, tmp_path, latent_shape, pooled_dim):
-  """Points a config at a 1-block cut of a tiny fixture and tiny records; keeps the rest."""
+def tiny(c, fixture, tmp_path, latent_shape, pooled_dim, cut=True):
+  """Points a config at a 1-block cut (`cut`) of a tiny fixture and at tiny records."""
   with open(os.path.join(fixture, 'config.json')) as f:
     dcfg = json.load(f)
-  fixture = tiny_diffusers.one_block_folder(fixture, str(tmp_path / 'base'),
-                                            2 if dcfg['_class_name'].startswith('SD3') else 1)
+  if cut:
+    fixture = tiny_diffusers.one_block_folder(
+        fixture, str(tmp_path / 'base'), 2 if dcfg['_class_name'].startswith('SD3') else 1)
   c.model.pretrained = fixture
-  c.model.dtype = 'float32'
+  c.model.dtype = c.model.param_dtype = 'float32'
   c.model.remat = 'none'
   c.train.init_from = fixture
   txt_len, txt_dim = 5, dcfg['joint_attention_dim']
@@ -92,6 +93,7 @@ def test_sd35_lora_config_trains_through_main(tmp_path, monkeypatch):
   c = tiny(load_config('sd35_twinflow.py', 'lora'), os.path.join(FIXTURES, 'sd35_medium'),
            tmp_path, (8, 12, 4), 16)
   assert c.lora.time_input == 't_minus_half_r' and not c.model.r_embedder
+  assert load_config('sd35_twinflow.py', 'full').lora.rank == 0
   rows, saved = run_main(c, tmp_path / 'run', monkeypatch)
   assert len(saved['lora']['base_fingerprint']) == 16
   assert rows[-1]['grad_norm'] > 0
@@ -114,6 +116,7 @@ def test_sd35_lora_config_trains_through_main(tmp_path, monkeypatch):
     want = b.read(key).astype(np.float32) + (
         c.lora.alpha / c.lora.rank * (q['lora_a'] @ q['lora_b'])).T
     np.testing.assert_allclose(f.read(key).astype(np.float32), want, atol=1e-6)
+    assert np.abs(f.read(key) - b.read(key)).max() > 1e-6   # the adapters moved
     np.testing.assert_array_equal(f.read('proj_out.weight'), b.read('proj_out.weight'))
 
 

@@ -9,7 +9,7 @@ context-pre-only in SD3, so its text-stream layers differ) keep a seeded random 
 import json
 import os
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -32,16 +32,17 @@ def one_block_folder(fixture: str, out: str, num_layers: int = 1) -> str:
   src = dlib.load_model(fixture, {'param_dtype': 'float32'})
   fields = dlib.model_config_from_dir(fixture, {'r_embedder': False})
   fields.update({k: v for k, v in dcfg.items() if not k.startswith('_')})
-  model = create_model(fields, rngs=nnx.Rngs(1))
+  # Abstract build (no eager init: op-by-op initialisation compiles every shape).
+  model = nnx.eval_shape(lambda: create_model(fields, rngs=nnx.Rngs(1)))
   have = flatten(nnx.to_pure_dict(nnx.state(src, nnx.Param)))
   state = nnx.state(model, nnx.Param)
   flat = flatten(nnx.to_pure_dict(state))
-  key = jax.random.key(2)
-  for i, (p, v) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
+  rng = np.random.default_rng(2)
+  for p, v in sorted(flat.items(), key=lambda kv: str(kv[0])):
     if p in have and have[p].shape == v.shape:
       flat[p] = have[p]
     else:   # random, non-zero
-      flat[p] = 0.2 * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype)
+      flat[p] = jnp.asarray(0.2 * rng.standard_normal(v.shape), v.dtype)
   nnx.replace_by_pure_dict(state, unflatten(flat))
   nnx.update(model, state)
   dlib.export(model, out)
