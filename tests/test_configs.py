@@ -19,7 +19,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every config, including the ones that take an argument (FILE:ARG).
 CONFIGS = ["default.py", "toy2d.py", "toy2d.py:moons", "toy2d.py:checkerboard",
            "cifar10_dit.py", "imagenet256_sit_xl2.py", "imagenet256_sit_xl2.py:/ckpt/sit",
-           "t2i_mmdit.py"]
+           "t2i_mmdit.py", "sd35_twinflow.py", "sd35_twinflow.py:lora",
+           "sd35_twinflow.py:lora_1order", "qwen_image_twinflow_lora.py",
+           "qwen_image_twinflow_lora.py:1order", "flux_twinflow_lora.py"]
 
 
 def _parse(spec, overrides=()):
