@@ -18,7 +18,9 @@ from ml_collections import config_flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every config file in configs/ (found, so a new one cannot be missed), plus the variants
 # that take an argument (FILE:ARG).
-CONFIG_ARGS = ["toy2d.py:moons", "toy2d.py:checkerboard", "imagenet256_sit_xl2.py:/ckpt/sit"]
+CONFIG_ARGS = ["toy2d.py:moons", "toy2d.py:checkerboard", "imagenet256_sit_xl2.py:/ckpt/sit",
+               "sd35_twinflow.py:lora", "sd35_twinflow.py:lora_1order",
+               "qwen_image_twinflow_lora.py:1order"]
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py")
                  if not p.name.startswith("_")) + CONFIG_ARGS
 

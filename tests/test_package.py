@@ -23,7 +23,8 @@ def test_no_tensorflow_or_tfds_at_import_time():
                           "twinflow_jax.main, twinflow_jax.models.convert.cli, "
                           "twinflow_jax.models.convert.diffusers_sd3, "
                           "twinflow_jax.models.convert.diffusers_flux, "
-                          "twinflow_jax.models.convert.diffusers_qwen_image")
+                          "twinflow_jax.models.convert.diffusers_qwen_image, "
+                          "twinflow_jax.models.lora, twinflow_jax.train.lora")
   assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
 
 

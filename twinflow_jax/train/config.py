@@ -9,6 +9,7 @@ can be overridden on the command line (`--config.optim.lr=1e-4`). Sections:
   optim           optimizer (`twinflow_jax.train.optim`).
   train           loop: steps, batch, logging, checkpoints, samples, EMAs.
   mesh            device mesh and logical-axis rules (`twinflow_jax.train.mesh`).
+  lora            LoRA fine-tuning (`twinflow_jax.train.lora`); rank 0 = full fine-tune.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ def base_config() -> ml_collections.ConfigDict:
       dcn_data=1, dcn_fsdp=1, dcn_tensor=1,      # across-slice sizes (multi-slice TPU)
       logical_axis_rules=(),                     # (logical, mesh axes) pairs over defaults
   ))
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,                  # > 0: train LoRA adapters of this rank on a frozen base
+      alpha=0.0,               # scale alpha / rank (PEFT's lora_alpha)
+      target_modules="",       # diffusers module names, comma-separated (PEFT suffix rule)
+      time_input="t_r",        # 't_r' | 't_minus_half_r' (official TwinFlow_LoRA forward)
+      base_fingerprint="",     # set by the trainer: identity of the base weights
+  ))
   return c
 
 
@@ -101,7 +109,9 @@ def validate(config: Any) -> None:
   unknown = sorted(set(config.keys()) - known)
   if unknown:
     raise errors.ConfigError(f"unknown config sections {unknown}; known: {sorted(known)}")
-  for section in ("train", "optim", "mesh"):
+  for section in ("train", "optim", "mesh", "lora"):
+    if section not in config:
+      continue
     allowed = set(base_config()[section].keys())
     extra = sorted(set(config[section].keys()) - allowed)
     if extra:
@@ -129,6 +139,9 @@ def validate(config: Any) -> None:
            f"one of {SAMPLE_FROM} or one of train.eval_ema_decays (as a string)",
            t.sample_from)
   losses.block_layout(t.global_batch_size, tf_config(config))   # loss.row_blocks fits the batch
+  if "lora" in config:
+    from twinflow_jax.train import lora  # pylint: disable=g-import-not-at-top
+    lora.validate(config)
 
 
 def _check_warmup(config: Any) -> None:
@@ -193,10 +206,13 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     one side only shows as '<absent>' on the other.
   """
   a, b = _flat(saved), _flat(current)
+  defaults = _flat(base_config().to_dict())
   out = []
   for key in sorted(set(a) | set(b)):
     if _changeable(key):
       continue
+    if key not in a and key in defaults and b.get(key) == defaults[key]:
+      continue   # a field added later, at its default (e.g. lora.* of older runs)
     va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
     if va != vb:
       out.append(f"{key}: {va!r} -> {vb!r}")

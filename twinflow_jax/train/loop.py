@@ -33,6 +33,7 @@ from twinflow_jax.train import checkpoint as ckpt_lib
 from twinflow_jax.train import config as config_lib
 from twinflow_jax.train import faults
 from twinflow_jax.train import images
+from twinflow_jax.train import lora as lora_train
 from twinflow_jax.train import mesh as mesh_lib
 from twinflow_jax.train import metrics as metrics_lib
 from twinflow_jax.train import optim
@@ -75,6 +76,14 @@ class Setup:
   batch_shardings: dict[str, jax.sharding.NamedSharding]
   batch_struct: dict[str, jax.ShapeDtypeStruct]
   train_step: Callable
+  # LoRA runs (train/lora.py): the frozen base, outside the TrainState.
+  frozen_init_fn: Callable | None = None
+  abstract_frozen: Any = None
+  frozen_shardings: Any = None
+
+  @property
+  def lora(self) -> bool:
+    return self.frozen_init_fn is not None
 
 
 def build(config: Any, devices=None) -> Setup:
@@ -96,37 +105,55 @@ def build(config: Any, devices=None) -> Setup:
     accum = int(config.optim.accum_steps)
     tx, schedule = optim.create_optimizer(config.optim, t.num_steps)
 
-    model_config = config.model.to_dict()
-    model_fn = lambda rngs: models.create_model(model_config, rngs=rngs)
-    graphdef, abs_params, p_specs = state_lib.param_specs(model_fn, mesh, rules)
+    decays = tuple(float(d) for d in t.eval_ema_decays)
+    frozen_init_fn = abs_frozen = frozen_shardings = None
+    if lora_train.enabled(config):
+      model_fn = lora_train.model_fn(config)
+      graphdef, abs_params, p_specs, abs_frozen, f_specs = lora_train.param_specs(
+          model_fn, mesh, rules)
+      mesh_lib.check_shardable(abs_frozen, f_specs, mesh)
+      init_fn = functools.partial(lora_train.init_state, model_fn, tx,
+                                  eval_ema_decays=decays)
+      frozen_init_fn = functools.partial(lora_train.init_frozen, model_fn)
+      frozen_shardings = mesh_lib.spec_shardings(f_specs, mesh)
+      apply_fn = lora_train.make_apply_fn(graphdef, config.lora.time_input)
+    else:
+      model_config = config.model.to_dict()
+      model_fn = lambda rngs: models.create_model(model_config, rngs=rngs)
+      graphdef, abs_params, p_specs = state_lib.param_specs(model_fn, mesh, rules)
+      init_fn = functools.partial(state_lib.init_state, model_fn, tx,
+                                  eval_ema_decays=decays)
+      apply_fn = state_lib.make_apply_fn(graphdef)
     mesh_lib.check_shardable(abs_params, p_specs, mesh)
-  decays = tuple(float(d) for d in t.eval_ema_decays)
-  init_fn = functools.partial(state_lib.init_state, model_fn, tx, eval_ema_decays=decays)
   abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
   shardings = state_lib.state_shardings(abstract_state, p_specs, tx, mesh)
 
   batch_struct = data_spec.batch_struct(t.global_batch_size)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   batch_shardings = {k: batch_sharding for k in batch_struct}
-  apply_fn = state_lib.make_apply_fn(graphdef)
   train_step = step_lib.make_train_step(
       apply_fn, tf_config, tx, schedule, num_classes=data_spec.num_classes,
       uncond=t.uncond, eval_ema_decays=decays, accum_steps=accum)
   return Setup(mesh, rules, data_spec, graphdef, apply_fn, tx, schedule, init_fn,
-               abstract_state, shardings, batch_shardings, batch_struct, train_step)
+               abstract_state, shardings, batch_shardings, batch_struct, train_step,
+               frozen_init_fn, abs_frozen, frozen_shardings)
 
 
 def compile_step(setup: Setup):
   """`jax.jit` with explicit shardings and the state donated, compiled ahead of time."""
   rep = mesh_lib.replicated(setup.mesh)
-  jitted = jax.jit(setup.train_step,
-                   in_shardings=(setup.shardings, setup.batch_shardings),
+  in_shardings = (setup.shardings, setup.batch_shardings)
+  abstract_args = (
+      state_lib.abstract_with_shardings(setup.abstract_state, setup.shardings),
+      state_lib.abstract_with_shardings(setup.batch_struct, setup.batch_shardings))
+  if setup.lora:   # the frozen base is a third, non-donated argument
+    in_shardings += (setup.frozen_shardings,)
+    abstract_args += (state_lib.abstract_with_shardings(setup.abstract_frozen,
+                                                        setup.frozen_shardings),)
+  jitted = jax.jit(setup.train_step, in_shardings=in_shardings,
                    out_shardings=(setup.shardings, rep), donate_argnums=0)
-  abstract_state = state_lib.abstract_with_shardings(setup.abstract_state, setup.shardings)
-  abstract_batch = state_lib.abstract_with_shardings(setup.batch_struct,
-                                                     setup.batch_shardings)
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
-    return jitted.lower(abstract_state, abstract_batch).compile()
+    return jitted.lower(*abstract_args).compile()
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -146,6 +173,17 @@ def init_state(setup: Setup, seed: int) -> state_lib.TrainState:
   """A fresh state, created directly in its sharded layout."""
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
     return jax.jit(setup.init_fn, out_shardings=setup.shardings)(jax.random.key(seed))
+
+
+def load_frozen_base(setup: Setup, path: str, seed: int = 0) -> Any:
+  """LoRA: the base parameters read from `path` into their shardings (train.init_from)."""
+  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
+    frozen = jax.jit(setup.frozen_init_fn, out_shardings=setup.frozen_shardings)(
+        jax.random.key(seed))
+    adapters = jax.tree.map(lambda a, sh: jnp.zeros(a.shape, a.dtype, device=sh),
+                            setup.abstract_state.params, setup.shardings.params)
+    return lora_train.load_base(setup.graphdef, adapters, frozen, path,
+                                setup.frozen_shardings)
 
 
 def load_pretrained_params(setup: Setup, state: state_lib.TrainState, path: str
@@ -173,6 +211,8 @@ def make_sampler(setup: Setup, config: Any) -> Callable[[Any, int], dict[str, np
   presets = tuple(t.sample_presets)
   rep = mesh_lib.replicated(setup.mesh)
   p_shard = setup.shardings.params
+  if setup.lora:   # params are (adapters, frozen base)
+    p_shard = (p_shard, setup.frozen_shardings)
 
   if spec.conditioning == "class":
     # Class-conditional grids show the classes in order along each row.
@@ -318,6 +358,17 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   if is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   config_json = ckpt_lib.config_to_json(config)
+  frozen = None
+  if setup.lora:
+    # The base is read before anything is restored: its fingerprint is part of the config
+    # that a checkpoint must match.
+    with errors.as_config_errors("config.train.init_from"):
+      frozen = load_frozen_base(setup, t.init_from, config.seed)
+    base_id = lora_train.fingerprint(frozen)
+    lora_train.check_fingerprint(config, base_id, "config.lora.base_fingerprint names")
+    config_json["lora"]["base_fingerprint"] = base_id
+    logging.info("LoRA: base weights from %s (fingerprint %s), %d adapted layers",
+                 t.init_from, base_id, len(jax.tree.leaves(setup.abstract_state.params)) // 2)
 
   # Each process loads the rows of the global batch that its devices hold.
   rows = data_lib.process_rows(mesh_lib.batch_sharding(setup.mesh), t.global_batch_size)
@@ -330,6 +381,14 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
       verify_saves=t.verify_checkpoints)
 
   def check_config(step: int, saved: dict[str, Any]) -> None:
+    if setup.lora:
+      saved_id = saved.get("lora", {}).get("base_fingerprint", "")
+      if saved_id != config_json["lora"]["base_fingerprint"]:
+        raise errors.ConfigError(
+            f"the base weights at {t.init_from} (fingerprint "
+            f"{config_json['lora']['base_fingerprint']}) are not those checkpoint {step} in "
+            f"{checkpointer.directory} was trained on (fingerprint {saved_id or 'none'}); "
+            "point config.train.init_from at the original base")
     diffs = config_lib.resume_differences(saved, config_json)
     if diffs and t.allow_config_change:
       logging.warning("resuming checkpoint %d although these fields changed "
@@ -346,7 +405,7 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
                                          allow_data_restart=t.allow_data_restart)
   if restored is None:
     state, start_step, resumed_from = init_state(setup, config.seed), 0, None
-    if t.init_from:
+    if t.init_from and not setup.lora:   # a LoRA run's init_from is its frozen base
       with errors.as_config_errors("config.train.init_from"):
         state = load_pretrained_params(setup, state, t.init_from)
       logging.info("initialised parameters and EMA teacher from %s", t.init_from)
@@ -363,6 +422,10 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
     epath.Path(workdir, "config.json").write_text(
         json.dumps(config_json, indent=2, sort_keys=True))
     n_params = state_lib.num_params(setup.abstract_state.params)
+    if setup.lora:
+      logging.info("LoRA: %.3fM trainable parameters on a frozen base of %.2fM",
+                   n_params / 1e6, state_lib.num_params(setup.abstract_frozen) / 1e6)
+      n_params += state_lib.num_params(setup.abstract_frozen)
     logging.info("model %s: %.2fM parameters; mesh %s; %d process(es); %s",
                  config.model.name, n_params / 1e6, dict(setup.mesh.shape),
                  jax.process_count(),
@@ -376,6 +439,9 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   logging.info("train step compiled in %.1fs", time.perf_counter() - t0)
   sampler = make_sampler(setup, config)
   sample_source = config_lib.sample_source(config)
+  step_args = () if frozen is None else (frozen,)
+  sample_weights = ((lambda s: _sample_params(s, sample_source)) if frozen is None else
+                    (lambda s: (_sample_params(s, sample_source), frozen)))
   spec = setup.data_spec
   grid_cols = (spec.num_classes if spec.conditioning == "class" and 1 < spec.num_classes <= 32
                else None)
@@ -396,7 +462,7 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
                                            global_batch_size=t.global_batch_size)
         if text_cond is None and setup.data_spec.conditioning == "text":
           text_cond = {k: batch[k][:t.num_samples] for k in ("txt", "txt_mask", "pooled")}
-        state, step_metrics = compiled(state, batch)
+        state, step_metrics = compiled(state, batch, *step_args)
         step += 1
         if faults.active("nan_opt_state", step):
           state = state.replace(opt_state=_inject_nan(state.opt_state))
@@ -414,7 +480,7 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
             logging.info(metrics_lib.progress_line(step, t.num_steps, scalars,
                                                    throughput.eta_seconds(step)))
         if t.sample_every and step % t.sample_every == 0 and step < t.num_steps:
-          samples = sampler(_sample_params(state, sample_source), step, text_cond)
+          samples = sampler(sample_weights(state), step, text_cond)
           write_samples(workdir, step, samples, writer, is_main, grid_cols)
 
         if stop_at_step is not None and step >= stop_at_step:
@@ -443,7 +509,7 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
         skips.flush()
         checkpointer.save(step, state, data_iter, config_json, force=True)
         checkpointer.finish(step)
-        samples = sampler(_sample_params(state, sample_source), step, text_cond)
+        samples = sampler(sample_weights(state), step, text_cond)
         paths = write_samples(workdir, step, samples, writer, is_main, grid_cols)
         if is_main:
           logging.info("done at step %d; samples: %s", step, ", ".join(paths))

@@ -95,11 +95,17 @@ def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
   of the new parameters, optimizer state or EMAs is not finite, the whole update
   (parameters, optimizer state, EMAs) is skipped, `skipped` counts it and the metric
   `skip_reason` says why (a sum of `SKIP_REASONS` bits; 0 = applied).
+
+  With LoRA (`train/lora.py`) the step is called as `train_step(state, batch, frozen)`:
+  `state` holds the adapters only and `apply_fn` takes `(adapters, frozen)` as params.
   """
   emd = float(tf_config.ema_decay)
   ema_names = [(eval_ema_name(d), float(d)) for d in eval_ema_decays]
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: PyTree = None):
+    # LoRA: `frozen` is the base, a constant of the step; apply_fn takes (params, frozen).
+    apply = apply_fn if frozen is None else (
+        lambda p, *args: apply_fn((p, frozen), *args))
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     k_draws, k_cond = jax.random.split(key)
     x = batch["x"].astype(jnp.float32)
@@ -118,7 +124,7 @@ def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
     batch_axes = sharding_lib.mesh_axes("activation_batch")
 
     def loss_fn(params):
-      return losses.twinflow_loss(apply_fn, params, new_ema, x, cond, e, draws, tf_config,
+      return losses.twinflow_loss(apply, params, new_ema, x, cond, e, draws, tf_config,
                                   batch_axes=batch_axes)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

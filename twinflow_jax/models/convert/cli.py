@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from twinflow_jax.models.configs import resolve_config
+from twinflow_jax.models import lora as lora_lib
 from twinflow_jax.models.convert import diffusers as dlib
 from twinflow_jax.models.convert.sit import (infer_dit_fields, load_torch_dit,
                                              time_convention_for)
@@ -158,9 +159,14 @@ def diffusers_parser() -> argparse.ArgumentParser:
   exp.add_argument('--src', required=True,
                    help='run workdir (with checkpoints/) or pretrained directory')
   exp.add_argument('--out', required=True, help='output diffusers folder (new)')
-  exp.add_argument('--weights', default='ema',
-                   help="from a run: 'ema' (the TwinFlow teacher, default), 'params' (the "
-                   "online weights) or an eval EMA name such as 'ema_0p9999'")
+  exp.add_argument('--weights', default=None,
+                   help="from a run: 'ema' (the TwinFlow teacher; default of full runs), "
+                   "'params' (the online weights; default of LoRA runs, which the official "
+                   "LoRA trainer samples) or an eval EMA name such as 'ema_0p9999'. A LoRA "
+                   "run's adapters are merged into its base weights before writing")
+  exp.add_argument('--base', default=None,
+                   help='LoRA runs: the base diffusers folder if it moved from the run\'s '
+                   'train.init_from (its fingerprint must match the checkpoint\'s)')
   exp.add_argument('--step', type=int, help='checkpoint step (default: the newest)')
   exp.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
                    help='dtype of the written weights (default: as stored)')
@@ -198,8 +204,14 @@ def diffusers_import(args: argparse.Namespace) -> dict:
   return cfg
 
 
-def _model_from_run(workdir: str, weights: str, step: int | None):
-  """Builds the run's model on an FSDP mesh and restores one weight set into it."""
+def _model_from_run(workdir: str, weights: str | None, step: int | None,
+                    base: str | None = None):
+  """Builds the run's model on an FSDP mesh and restores one weight set into it.
+
+  LoRA runs (config lora.rank > 0): the adapters come from the checkpoint, the base from
+  `base` or the run's train.init_from (checked against lora.base_fingerprint), and the
+  adapters are merged into the base weights.
+  """
   from twinflow_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir):
@@ -213,8 +225,17 @@ def _model_from_run(workdir: str, weights: str, step: int | None):
     raise ValueError(f'--step {step} not in the checkpoints of {workdir}: {steps}')
   config = manager.restore(step, args=ocp.args.Composite(
       **{ckpt_lib.CONFIG: ocp.args.JsonRestore()}))[ckpt_lib.CONFIG]
-  model = _abstract_on_mesh(config['model'], _fsdp_mesh())
-  targets = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  lora = int(config.get('lora', {}).get('rank', 0)) > 0
+  weights = weights or ('params' if lora else 'ema')
+  if lora:
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
+    build = lora_train.model_fn(ml_collections.ConfigDict(config))
+    model = _abstract_on_mesh(config['model'], _fsdp_mesh(), build)
+    targets = flatten(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
+  else:
+    model = _abstract_on_mesh(config['model'], _fsdp_mesh())
+    targets = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   saved = ocp.StandardCheckpointer().metadata(
       os.path.join(ckpt_dir, str(step), ckpt_lib.STATE)).item_metadata.tree
   names = sorted(k for k, v in saved.items() if k != 'opt_state' and isinstance(v, dict))
@@ -232,18 +253,32 @@ def _model_from_run(workdir: str, weights: str, step: int | None):
           partial_restore=True)}))[ckpt_lib.STATE]
   values = flatten(restored['eval_emas'][weights] if nested else restored[weights])
   by_str = {tuple(str(k) for k in p): p for p in targets}
-  state = nnx.state(model, nnx.Param)
+  state = nnx.state(model, nnx.LoRAParam if lora else nnx.Param)
   nnx.replace_by_pure_dict(state, unflatten({by_str[p]: v for p, v in values.items()}))
   nnx.update(model, state)
   manager.close()
+  if lora:
+    base = base or config['train']['init_from']
+    dlib.load_into(model, base)
+    got = lora_train.fingerprint(nnx.to_pure_dict(nnx.state(model, lora_lib.FROZEN)))
+    want = config['lora'].get('base_fingerprint', '')
+    if got != want:
+      raise ValueError(f'the base weights at {base} (fingerprint {got}) are not those the '
+                       f'LoRA run {workdir} was trained on (fingerprint {want}); pass the '
+                       'original base with --base')
+    lora_lib.merge(model)
   return model, step
 
 
-def _abstract_on_mesh(model_config: dict, mesh):
-  """Abstract model whose leaves carry NamedShardings from the default rules."""
+def _abstract_on_mesh(model_config: dict, mesh, build=None):
+  """Abstract model whose leaves carry NamedShardings from the default rules.
+
+  `build` (rngs -> model) replaces `create_model(model_config)`, e.g. to add LoRA layers.
+  """
+  build = build or (lambda rngs: create_model(model_config, rngs=rngs))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_LOGICAL_AXIS_RULES), \
       nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: create_model(model_config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
     state = nnx.state(abstract, nnx.Param)
     shardings = nnx.get_named_sharding(state, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -260,8 +295,8 @@ def diffusers_export(args: argparse.Namespace) -> tuple[list[str], str]:
     load_pretrained(model, src)  # restores straight into the abstract model's shardings
     source = f'pretrained directory {src}'
   else:
-    model, step = _model_from_run(src, args.weights, args.step)
-    source = f'{args.weights} weights of step {step} of {src}'
+    model, step = _model_from_run(src, args.weights, args.step, args.base)
+    source = f'{args.weights or "default"} weights of step {step} of {src}'
   files = dlib.export(model, args.out, dtype=args.dtype,
                       max_shard_bytes=int(args.max_shard_gb * 2**30),
                       progress=_progress('written'))
