@@ -4,6 +4,7 @@ r"""Samples from a training run, read-only: `python -m twinflow_jax.sample --wor
   python -m twinflow_jax.sample --workdir /tmp/mnist --preset small2 --num 1000 \
       --labels 3 --weights online --seed 1 --out /tmp/threes.npz
   python -m twinflow_jax.sample --workdir /tmp/t2i --cond-file prompts.npz --preset 4nfe
+  python -m twinflow_jax.sample --workdir /runs/flux_lora --cond-file prompts.npz --guidance 3.5
 
 Reads the run's own config (DIR/config.json), builds its model, reads only the chosen
 weights of one checkpoint (default: the newest) and generates on all local devices with
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cfg-scale", "--cfg_scale", dest="cfg_scale", type=float, default=None,
                  help="classifier-free guidance scale at inference (TwinFlow needs none: its "
                       "guidance is trained in); uses the null class / null text")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="Flux.1-dev (guidance_embeds) runs: the embedded guidance value (default: "
+                      "the model config's default_guidance, 3.5 as the diffusers pipeline)")
   p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses fold_in(seed, i)")
   p.add_argument("--batch", type=int, default=256,
                  help="samples per device call across all devices (does not change samples)")
@@ -89,7 +93,13 @@ def _parse_labels(text: str | None, num: int, num_classes: int) -> np.ndarray:
   return np.resize(np.asarray(given, np.int32), num)
 
 
-def _load_text_conditions(path: str | None, spec: Any, num: int | None) -> dict[str, np.ndarray]:
+# Pretrained families take any text length; Qwen-Image ignores the pooled vector.
+_ANY_TEXT_LENGTH = ("sd3", "flux", "qwen_image")
+_NO_POOLED = ("qwen_image",)
+
+
+def _load_text_conditions(path: str | None, spec: Any, num: int | None,
+                          model: str = "") -> dict[str, np.ndarray]:
   if not path:
     raise UserError("this run is text-conditional: give --cond-file, an .npz of precomputed "
                     "embeddings with 'txt' [N, L, D], 'txt_mask' [N, L] and 'pooled' [N, P]")
@@ -104,8 +114,13 @@ def _load_text_conditions(path: str | None, spec: Any, num: int | None) -> dict[
   if missing:
     raise UserError(f"--cond-file {path} lacks {missing}; it needs 'txt', 'txt_mask', 'pooled'")
   n = len(cond["txt"])
-  want = {"txt": (n, *spec.txt_shape), "txt_mask": (n, spec.txt_shape[0]),
+  length = spec.txt_shape[0]
+  if model in _ANY_TEXT_LENGTH and cond["txt"].ndim == 3:
+    length = cond["txt"].shape[1]     # these transformers take any prompt length
+  want = {"txt": (n, length, spec.txt_shape[1]), "txt_mask": (n, length),
           "pooled": (n, spec.pooled_dim)}
+  if model in _NO_POOLED and cond["pooled"].ndim == 2:
+    want["pooled"] = cond["pooled"].shape   # accepted and ignored by the model
   for k, shape in want.items():
     if cond[k].shape != shape:
       raise UserError(f"--cond-file {path}: '{k}' has shape {cond[k].shape}, this run needs "
@@ -116,6 +131,16 @@ def _load_text_conditions(path: str | None, spec: Any, num: int | None) -> dict[
   if num > n:
     raise UserError(f"--num {num} exceeds the {n} conditions in --cond-file {path}")
   return {k: v[:num] for k, v in cond.items()}
+
+
+def _model_field(run_, field: str) -> Any:
+  """A field of the run's resolved model config (the family's defaults included)."""
+  from twinflow_jax import models  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models import families  # pylint: disable=g-import-not-at-top
+  d = run_.config.model.to_dict()
+  family = families.FAMILIES.get(d.get("name"))
+  cfg = family.resolve(d) if family else models.resolve_config(d)
+  return getattr(cfg, field, None)
 
 
 def default_out(workdir: str, step: int, preset: str, weights: str) -> str:
@@ -151,10 +176,18 @@ def run(args: argparse.Namespace) -> str:
     raise UserError(str(e)) from e
   spec, step = run_.spec, run_.step
 
+  model_name = run_.config.model.get("name", "")
+  if args.guidance is not None and not (model_name == "flux"
+                                        and _model_field(run_, "guidance_embeds")):
+    raise UserError("--guidance applies to Flux models with a guidance embedder "
+                    f"(guidance_embeds=True); this run's model is {model_name!r}")
   if spec.conditioning == "text":
-    cond = _load_text_conditions(args.cond_file, spec, args.num)
+    cond = _load_text_conditions(args.cond_file, spec, args.num, model_name)
     num = len(cond["txt"])
     labels = None
+    if model_name == "flux" and _model_field(run_, "guidance_embeds"):
+      g = args.guidance if args.guidance is not None else _model_field(run_, "default_guidance")
+      cond["guidance"] = np.full((num,), g, np.float32)
   else:
     if args.cond_file:
       raise UserError("--cond-file is for text-conditional runs; this run is class-conditional")
@@ -180,6 +213,8 @@ def run(args: argparse.Namespace) -> str:
 
   uncond = (generate.null_conditions(cond, spec.num_classes)
             if args.cfg_scale is not None else None)
+  if uncond is not None and isinstance(cond, dict) and "guidance" in cond:
+    uncond["guidance"] = cond["guidance"]   # the null text keeps the embedded guidance
   t0 = time.perf_counter()
   samples = generate.generate(
       run_.apply_fn, run_.weights[args.weights], cond, args.preset, key=args.seed,
