@@ -1,6 +1,7 @@
 """The sample command on a run of a pretrained family (a tiny random Flux.1-dev)."""
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -114,3 +115,24 @@ def test_text_width_must_match(flux_run, loaded_once, tmp_path, capsys):
                  "--out", str(tmp_path / "x.npz")])
   assert e.value.code == 1
   assert "'txt' has shape (1, 4, 7), this run needs (1, 4, 8)" in capsys.readouterr().err
+
+
+def test_diffusers_folder_samples_straight(tmp_path):
+  """--diffusers: the base model of a diffusers folder, 1 NFE = z - t F(z, t, r)."""
+  from twinflow_jax.models.convert import diffusers  # pylint: disable=g-import-not-at-top
+  folder = pathlib.Path(__file__).parent / "fixtures" / "flux_dev_tiny"
+  ref = np.load(folder / "reference.npz")
+  cond = {"txt": ref["txt"], "txt_mask": ref["txt_mask"], "pooled": ref["pooled"]}
+  np.savez(tmp_path / "p.npz", **cond)
+  out = tmp_path / "d.npz"
+  assert sample.main(["--diffusers", str(folder), "--latent-size", "4,6", "--dtype", "float32",
+                      "--cond-file", str(tmp_path / "p.npz"), "--guidance", "4.0",
+                      "--seed", "5", "--out", str(out)]) == 0
+  got = np.load(out)
+  assert (tmp_path / "d.png").is_file() and got["samples"].shape == (2, 4, 6, 4)
+  model = diffusers.load_model(str(folder), {"dtype": "float32"})
+  (t, r), = sampling.call_times(sampling.get_config("1nfe"))
+  z = np.asarray(generate.initial_noise(5, np.arange(2), (4, 6, 4)))
+  f = np.asarray(model(z, np.full(2, t, np.float32), np.full(2, r, np.float32),
+                       dict(cond, guidance=np.full(2, 4.0, np.float32))))
+  np.testing.assert_allclose(got["samples"], z - t * f, rtol=1e-5, atol=1e-5)

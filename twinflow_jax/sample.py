@@ -38,7 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m twinflow_jax.sample", description=__doc__.split("\n\n")[2],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True, help="the --workdir of a twinflow_jax.main run")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="the --workdir of a twinflow_jax.main run")
+  src.add_argument("--diffusers", default=None,
+                   help="instead of a run: a diffusers transformer folder (config.json + "
+                        "safetensors) of sd3 / flux / qwen_image, sampled as it is (the "
+                        "base model: its r-embedder is initialised, F(t, r) = F(t, t)); "
+                        "needs --latent-size and --cond-file")
+  p.add_argument("--latent-size", "--latent_size", dest="latent_size", default=None,
+                 help="--diffusers: latent H,W (e.g. 64,64 for 512 px with an 8x VAE)")
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                 help="--diffusers: weight and compute dtype (default bfloat16)")
   p.add_argument("--step", type=int, default=None,
                  help="checkpoint step (default: the newest complete one)")
   p.add_argument("--weights", default="ema",
@@ -163,6 +173,8 @@ def run(args: argparse.Namespace) -> str:
   from twinflow_jax.train import images  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
 
+  if args.diffusers:
+    return _run_diffusers(args)
   t0 = time.perf_counter()
   try:
     run_ = readonly.load_run(args.workdir, args.step, (args.weights,))
@@ -239,6 +251,76 @@ def run(args: argparse.Namespace) -> str:
     png = out[:-4] + ".png"
     images.write_png(png, images.samples_to_image(
         samples, ncols=spec.num_classes if cycled else None))
+    _log(f"wrote {out} and {png}")
+  return out
+
+
+def _run_diffusers(args: argparse.Namespace) -> str:
+  """Samples a diffusers folder's model (FSDP over all devices) with the presets."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from twinflow_jax import generate  # pylint: disable=g-import-not-at-top
+  from twinflow_jax import sampling  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models.convert import diffusers  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import images  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  path = os.path.abspath(args.diffusers)
+  if not diffusers.is_diffusers_dir(path):
+    raise UserError(f"--diffusers {args.diffusers} is not a diffusers model folder "
+                    "(config.json + diffusion_pytorch_model*.safetensors)")
+  try:
+    h, w = (int(v) for v in (args.latent_size or "").split(","))
+  except ValueError:
+    raise UserError("--diffusers needs --latent-size H,W (latent pixels, e.g. 64,64)"
+                    ) from None
+  mesh = jax.make_mesh((1, jax.device_count(), 1), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  t0 = time.perf_counter()
+  try:
+    model = diffusers.load_model(path, {"dtype": args.dtype, "param_dtype": args.dtype},
+                                 mesh=mesh)
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(f"--diffusers {args.diffusers}: {e}") from e
+  cfg = model.config
+  name = cfg.name
+  channels = cfg.latent_channels if name in ("flux", "qwen_image") else cfg.in_channels
+  pooled = getattr(cfg, "pooled_projection_dim", 0) or 1
+  spec = argparse.Namespace(txt_shape=(1, cfg.joint_attention_dim), pooled_dim=pooled)
+  cond = _load_text_conditions(args.cond_file, spec, args.num, name)
+  num = len(cond["txt"])
+  if args.guidance is not None and not (name == "flux" and cfg.guidance_embeds):
+    raise UserError(f"--guidance applies to Flux models with a guidance embedder; "
+                    f"{args.diffusers} is {name!r}")
+  if name == "flux" and cfg.guidance_embeds:
+    g = args.guidance if args.guidance is not None else cfg.default_guidance
+    cond["guidance"] = np.full((num,), g, np.float32)
+  graphdef, params = state_lib.split_model(model)
+  apply_fn = state_lib.make_apply_fn(graphdef)
+  out = os.path.abspath(args.out or f"samples_{os.path.basename(path)}_{args.preset}.npz")
+  if not out.endswith(".npz"):
+    out += ".npz"
+  if os.path.commonpath([out, path]) == path:
+    raise UserError(f"--out {out} lies inside --diffusers; this command never writes there")
+  _log(f"{name} from {path} ({args.dtype}) read in {time.perf_counter() - t0:.1f}s; "
+       f"generating {num} samples [{h}, {w}, {channels}] with preset {args.preset}")
+  uncond = None
+  if args.cfg_scale is not None:
+    uncond = generate.null_conditions(cond, 0)
+    if "guidance" in cond:
+      uncond["guidance"] = cond["guidance"]
+  samples = generate.generate(
+      apply_fn, params, cond, args.preset, key=args.seed, x_shape=(h, w, channels), num=num,
+      mesh=mesh, rules=(), batch_size=args.batch, uncond=uncond, cfg_scale=args.cfg_scale,
+      progress=True)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    np.savez(out, samples=samples, preset=np.asarray(args.preset), seed=np.asarray(args.seed),
+             weights=np.asarray("diffusers"), diffusers=np.asarray(path),
+             cfg_scale=np.asarray(np.nan if args.cfg_scale is None else args.cfg_scale),
+             sampler=np.asarray(json.dumps(sampling.get_config(args.preset).__dict__)),
+             **cond)
+    png = out[:-4] + ".png"
+    images.write_png(png, images.samples_to_image(samples))
     _log(f"wrote {out} and {png}")
   return out
 
