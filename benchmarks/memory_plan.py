@@ -404,7 +404,7 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
     grads_b = train_b
     update_b = train_b + opt_b
     params_b = base + (train_b if lora else 0)
-    gathered = block_params * compute_bytes * 2 * (shape["fsdp"] > 1)
+    gathered = block_params * compute_bytes * min(2, len(blocks)) * (shape["fsdp"] > 1)
     unreduced = 0 if lora else block_params * 4 * (shape["fsdp"] > 1)
     recompute = block_acts if model_config.get("remat", "none") != "none" else 0
     work_b = recompute + gathered + unreduced
