@@ -5,6 +5,8 @@ r"""Samples from a training run, read-only: `python -m twinflow_jax.sample --wor
       --labels 3 --weights online --seed 1 --out /tmp/threes.npz
   python -m twinflow_jax.sample --workdir /tmp/t2i --cond-file prompts.npz --preset 4nfe
   python -m twinflow_jax.sample --workdir /runs/flux_lora --cond-file prompts.npz --guidance 3.5
+  python -m twinflow_jax.sample --diffusers /hf/Qwen-Image/transformer --latent-size 64,64 \
+      --cond-file prompts.npz --preset 4nfe
 
 Reads the run's own config (DIR/config.json), builds its model, reads only the chosen
 weights of one checkpoint (default: the newest) and generates on all local devices with
@@ -42,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument("--workdir", help="the --workdir of a twinflow_jax.main run")
   src.add_argument("--diffusers", default=None,
                    help="instead of a run: a diffusers transformer folder (config.json + "
-                        "safetensors) of sd3 / flux / qwen_image, sampled as it is (the "
-                        "base model: its r-embedder is initialised, F(t, r) = F(t, t)); "
+                        "safetensors) of sd3 / flux / qwen_image, sampled as it is (a base "
+                        "release gets its TwinFlow r-embedder initialised as in training); "
                         "needs --latent-size and --cond-file")
   p.add_argument("--latent-size", "--latent_size", dest="latent_size", default=None,
                  help="--diffusers: latent H,W (e.g. 64,64 for 512 px with an 8x VAE)")
