@@ -488,6 +488,8 @@ def main(argv=None) -> int:
         if not os.path.isfile(args.config):
           raise ValueError(f"--config {args.config} does not exist")
         c = _config_from_file(args.config)
+        if c.data.source.startswith("arrayrecord") and not c.data.get("paths"):
+          c.data.paths = "/nonexistent/plan.array_record"   # only the shapes are read
         if mode == "lora":
           c.model.param_dtype = "bfloat16"
         settings.append(Setting(c, args.per_device_batch,
