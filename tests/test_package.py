@@ -63,6 +63,7 @@ def test_sample_command_help():
   out = subprocess.run([sys.executable, "-m", "twinflow_jax.sample", "--help"],
                        capture_output=True, text=True)
   assert out.returncode == 0 and "--workdir" in out.stdout and "--cfg-scale" in out.stdout
+  assert "--diffusers" in out.stdout and "--guidance" in out.stdout
 
 
 def test_vae_and_preparation_modules_stay_light():

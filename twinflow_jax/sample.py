@@ -4,6 +4,9 @@ r"""Samples from a training run, read-only: `python -m twinflow_jax.sample --wor
   python -m twinflow_jax.sample --workdir /tmp/mnist --preset small2 --num 1000 \
       --labels 3 --weights online --seed 1 --out /tmp/threes.npz
   python -m twinflow_jax.sample --workdir /tmp/t2i --cond-file prompts.npz --preset 4nfe
+  python -m twinflow_jax.sample --workdir /runs/flux_lora --cond-file prompts.npz --guidance 3.5
+  python -m twinflow_jax.sample --diffusers /hf/Qwen-Image/transformer --latent-size 64,64 \
+      --cond-file prompts.npz --preset 4nfe
 
 Reads the run's own config (DIR/config.json), builds its model, reads only the chosen
 weights of one checkpoint (default: the newest) and generates on all local devices with
@@ -37,7 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m twinflow_jax.sample", description=__doc__.split("\n\n")[2],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True, help="the --workdir of a twinflow_jax.main run")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="the --workdir of a twinflow_jax.main run")
+  src.add_argument("--diffusers", default=None,
+                   help="instead of a run: a diffusers transformer folder (config.json + "
+                        "safetensors) of sd3 / flux / qwen_image, sampled as it is (a base "
+                        "release gets its TwinFlow r-embedder initialised as in training); "
+                        "needs --latent-size and --cond-file")
+  p.add_argument("--latent-size", "--latent_size", dest="latent_size", default=None,
+                 help="--diffusers: latent H,W (e.g. 64,64 for 512 px with an 8x VAE)")
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                 help="--diffusers: weight and compute dtype (default bfloat16)")
   p.add_argument("--step", type=int, default=None,
                  help="checkpoint step (default: the newest complete one)")
   p.add_argument("--weights", default="ema",
@@ -57,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cfg-scale", "--cfg_scale", dest="cfg_scale", type=float, default=None,
                  help="classifier-free guidance scale at inference (TwinFlow needs none: its "
                       "guidance is trained in); uses the null class / null text")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="Flux.1-dev (guidance_embeds) runs: the embedded guidance value (default: "
+                      "the model config's default_guidance, 3.5 as the diffusers pipeline)")
   p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses fold_in(seed, i)")
   p.add_argument("--batch", type=int, default=256,
                  help="samples per device call across all devices (does not change samples)")
@@ -89,7 +105,13 @@ def _parse_labels(text: str | None, num: int, num_classes: int) -> np.ndarray:
   return np.resize(np.asarray(given, np.int32), num)
 
 
-def _load_text_conditions(path: str | None, spec: Any, num: int | None) -> dict[str, np.ndarray]:
+# Pretrained families take any text length; Qwen-Image ignores the pooled vector.
+_ANY_TEXT_LENGTH = ("sd3", "flux", "qwen_image")
+_NO_POOLED = ("qwen_image",)
+
+
+def _load_text_conditions(path: str | None, spec: Any, num: int | None,
+                          model: str = "") -> dict[str, np.ndarray]:
   if not path:
     raise UserError("this run is text-conditional: give --cond-file, an .npz of precomputed "
                     "embeddings with 'txt' [N, L, D], 'txt_mask' [N, L] and 'pooled' [N, P]")
@@ -104,8 +126,13 @@ def _load_text_conditions(path: str | None, spec: Any, num: int | None) -> dict[
   if missing:
     raise UserError(f"--cond-file {path} lacks {missing}; it needs 'txt', 'txt_mask', 'pooled'")
   n = len(cond["txt"])
-  want = {"txt": (n, *spec.txt_shape), "txt_mask": (n, spec.txt_shape[0]),
+  length = spec.txt_shape[0]
+  if model in _ANY_TEXT_LENGTH and cond["txt"].ndim == 3:
+    length = cond["txt"].shape[1]     # these transformers take any prompt length
+  want = {"txt": (n, length, spec.txt_shape[1]), "txt_mask": (n, length),
           "pooled": (n, spec.pooled_dim)}
+  if model in _NO_POOLED and cond["pooled"].ndim == 2:
+    want["pooled"] = cond["pooled"].shape   # accepted and ignored by the model
   for k, shape in want.items():
     if cond[k].shape != shape:
       raise UserError(f"--cond-file {path}: '{k}' has shape {cond[k].shape}, this run needs "
@@ -116,6 +143,16 @@ def _load_text_conditions(path: str | None, spec: Any, num: int | None) -> dict[
   if num > n:
     raise UserError(f"--num {num} exceeds the {n} conditions in --cond-file {path}")
   return {k: v[:num] for k, v in cond.items()}
+
+
+def _model_field(run_, field: str) -> Any:
+  """A field of the run's resolved model config (the family's defaults included)."""
+  from twinflow_jax import models  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models import families  # pylint: disable=g-import-not-at-top
+  d = run_.config.model.to_dict()
+  family = families.FAMILIES.get(d.get("name"))
+  cfg = family.resolve(d) if family else models.resolve_config(d)
+  return getattr(cfg, field, None)
 
 
 def default_out(workdir: str, step: int, preset: str, weights: str) -> str:
@@ -138,6 +175,8 @@ def run(args: argparse.Namespace) -> str:
   from twinflow_jax.train import images  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
 
+  if args.diffusers:
+    return _run_diffusers(args)
   t0 = time.perf_counter()
   try:
     run_ = readonly.load_run(args.workdir, args.step, (args.weights,))
@@ -151,10 +190,18 @@ def run(args: argparse.Namespace) -> str:
     raise UserError(str(e)) from e
   spec, step = run_.spec, run_.step
 
+  model_name = run_.config.model.get("name", "")
+  if args.guidance is not None and not (model_name == "flux"
+                                        and _model_field(run_, "guidance_embeds")):
+    raise UserError("--guidance applies to Flux models with a guidance embedder "
+                    f"(guidance_embeds=True); this run's model is {model_name!r}")
   if spec.conditioning == "text":
-    cond = _load_text_conditions(args.cond_file, spec, args.num)
+    cond = _load_text_conditions(args.cond_file, spec, args.num, model_name)
     num = len(cond["txt"])
     labels = None
+    if model_name == "flux" and _model_field(run_, "guidance_embeds"):
+      g = args.guidance if args.guidance is not None else _model_field(run_, "default_guidance")
+      cond["guidance"] = np.full((num,), g, np.float32)
   else:
     if args.cond_file:
       raise UserError("--cond-file is for text-conditional runs; this run is class-conditional")
@@ -180,6 +227,8 @@ def run(args: argparse.Namespace) -> str:
 
   uncond = (generate.null_conditions(cond, spec.num_classes)
             if args.cfg_scale is not None else None)
+  if uncond is not None and isinstance(cond, dict) and "guidance" in cond:
+    uncond["guidance"] = cond["guidance"]   # the null text keeps the embedded guidance
   t0 = time.perf_counter()
   samples = generate.generate(
       run_.apply_fn, run_.weights[args.weights], cond, args.preset, key=args.seed,
@@ -204,6 +253,76 @@ def run(args: argparse.Namespace) -> str:
     png = out[:-4] + ".png"
     images.write_png(png, images.samples_to_image(
         samples, ncols=spec.num_classes if cycled else None))
+    _log(f"wrote {out} and {png}")
+  return out
+
+
+def _run_diffusers(args: argparse.Namespace) -> str:
+  """Samples a diffusers folder's model (FSDP over all devices) with the presets."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from twinflow_jax import generate  # pylint: disable=g-import-not-at-top
+  from twinflow_jax import sampling  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models.convert import diffusers  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import images  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  path = os.path.abspath(args.diffusers)
+  if not diffusers.is_diffusers_dir(path):
+    raise UserError(f"--diffusers {args.diffusers} is not a diffusers model folder "
+                    "(config.json + diffusion_pytorch_model*.safetensors)")
+  try:
+    h, w = (int(v) for v in (args.latent_size or "").split(","))
+  except ValueError:
+    raise UserError("--diffusers needs --latent-size H,W (latent pixels, e.g. 64,64)"
+                    ) from None
+  mesh = jax.make_mesh((1, jax.device_count(), 1), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  t0 = time.perf_counter()
+  try:
+    model = diffusers.load_model(path, {"dtype": args.dtype, "param_dtype": args.dtype},
+                                 mesh=mesh)
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(f"--diffusers {args.diffusers}: {e}") from e
+  cfg = model.config
+  name = cfg.name
+  channels = cfg.latent_channels if name in ("flux", "qwen_image") else cfg.in_channels
+  pooled = getattr(cfg, "pooled_projection_dim", 0) or 1
+  spec = argparse.Namespace(txt_shape=(1, cfg.joint_attention_dim), pooled_dim=pooled)
+  cond = _load_text_conditions(args.cond_file, spec, args.num, name)
+  num = len(cond["txt"])
+  if args.guidance is not None and not (name == "flux" and cfg.guidance_embeds):
+    raise UserError(f"--guidance applies to Flux models with a guidance embedder; "
+                    f"{args.diffusers} is {name!r}")
+  if name == "flux" and cfg.guidance_embeds:
+    g = args.guidance if args.guidance is not None else cfg.default_guidance
+    cond["guidance"] = np.full((num,), g, np.float32)
+  graphdef, params = state_lib.split_model(model)
+  apply_fn = state_lib.make_apply_fn(graphdef)
+  out = os.path.abspath(args.out or f"samples_{os.path.basename(path)}_{args.preset}.npz")
+  if not out.endswith(".npz"):
+    out += ".npz"
+  if os.path.commonpath([out, path]) == path:
+    raise UserError(f"--out {out} lies inside --diffusers; this command never writes there")
+  _log(f"{name} from {path} ({args.dtype}) read in {time.perf_counter() - t0:.1f}s; "
+       f"generating {num} samples [{h}, {w}, {channels}] with preset {args.preset}")
+  uncond = None
+  if args.cfg_scale is not None:
+    uncond = generate.null_conditions(cond, 0)
+    if "guidance" in cond:
+      uncond["guidance"] = cond["guidance"]
+  samples = generate.generate(
+      apply_fn, params, cond, args.preset, key=args.seed, x_shape=(h, w, channels), num=num,
+      mesh=mesh, rules=(), batch_size=args.batch, uncond=uncond, cfg_scale=args.cfg_scale,
+      progress=True)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    np.savez(out, samples=samples, preset=np.asarray(args.preset), seed=np.asarray(args.seed),
+             weights=np.asarray("diffusers"), diffusers=np.asarray(path),
+             cfg_scale=np.asarray(np.nan if args.cfg_scale is None else args.cfg_scale),
+             sampler=np.asarray(json.dumps(sampling.get_config(args.preset).__dict__)),
+             **cond)
+    png = out[:-4] + ".png"
+    images.write_png(png, images.samples_to_image(samples))
     _log(f"wrote {out} and {png}")
   return out
 

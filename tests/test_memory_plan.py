@@ -1,0 +1,110 @@
+"""benchmarks/memory_plan.py against XLA's compiled memory analysis (8 CPU devices)."""
+
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from twinflow_jax import models
+from twinflow_jax.train import config as config_lib
+from twinflow_jax.train import mesh as mesh_lib
+from twinflow_jax.train import state as state_lib
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan.py"
+_spec = importlib.util.spec_from_file_location("memory_plan", _PATH)
+memory_plan = importlib.util.module_from_spec(_spec)
+sys.modules["memory_plan"] = memory_plan     # dataclasses look their module up
+_spec.loader.exec_module(memory_plan)
+
+
+def _tiny_config(remat, fsdp):
+  c = config_lib.base_config()
+  c.model = dict(name="qwen_image", num_layers=1, num_attention_heads=2, attention_head_dim=32,
+                 axes_dims_rope=(8, 12, 12), joint_attention_dim=24, in_channels=16,
+                 out_channels=4, remat=remat, attention="einsum")
+  c.data.source = "arrayrecord_t2i"
+  c.data.paths = "/nonexistent/x.array_record"
+  c.data.latent_shape = (16, 16, 4)
+  c.data.txt_len, c.data.txt_dim, c.data.pooled_dim = 8, 24, 8
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 8 // fsdp, fsdp, 1
+  return c
+
+
+def _compiled_student_step(c, per_device_batch):
+  """The trainer step's memory skeleton: donated (params, AdamW state, EMA), the student
+  forward and backward, the update and EMA, and the non-finite select of train/step.py."""
+  mesh = mesh_lib.create_mesh(c.mesh)
+  rules = models.DEFAULT_LOGICAL_AXIS_RULES
+  mc = c.model.to_dict()
+  graphdef, abs_params, specs = state_lib.param_specs(
+      lambda rngs: models.create_model(mc, rngs=rngs), mesh, rules)
+  apply_fn = state_lib.make_apply_fn(graphdef)
+  tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.0)
+  p_sh = mesh_lib.spec_shardings(specs, mesh)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh,
+                                 transform_non_params=lambda _: mesh_lib.replicated(mesh),
+                                 is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  b = per_device_batch * 8 // c.mesh.tensor
+  lat = c.data.latent_shape
+
+  def step(state, x, txt, mask):
+    params, opt, ema = state
+    t = jnp.full((b,), 0.5)
+    loss_fn = lambda p: jnp.mean(apply_fn(p, x, t, 0.5 * t, {"txt": txt, "txt_mask": mask})**2)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, new_opt = tx.update(grads, opt, params)
+    new_params = optax.apply_updates(params, updates)
+    new_ema = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, ema, params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(new_params))
+    keep = lambda n, o: jax.tree.map(lambda a, z: jnp.where(ok, a, z), n, o)
+    return (keep(new_params, params), keep(new_opt, opt), keep(new_ema, ema)), loss
+
+  bs = mesh_lib.batch_sharding(mesh)
+  with_sh = state_lib.abstract_with_shardings
+  args = ((with_sh(abs_params, p_sh), with_sh(abs_opt, opt_sh), with_sh(abs_params, p_sh)),
+          jax.ShapeDtypeStruct((b, *lat), jnp.float32, sharding=bs),
+          jax.ShapeDtypeStruct((b, c.data.txt_len, c.data.txt_dim), jnp.float32, sharding=bs),
+          jax.ShapeDtypeStruct((b, c.data.txt_len), jnp.bool_, sharding=bs))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    return jax.jit(step, donate_argnums=0).lower(*args).compile().memory_analysis()
+
+
+def test_plan_matches_xla_memory_analysis():
+  per_device_batch = 2
+  c = _tiny_config("none", fsdp=1)
+  plan = memory_plan.plan_setting(memory_plan.Setting(c, per_device_batch),
+                                  [("h100", {"data": 8, "fsdp": 1, "tensor": 1})])
+  by = plan["meshes"][0]["bytes"]
+  mem = _compiled_student_step(c, per_device_batch)
+  batch_bytes = per_device_batch * (16 * 16 * 4 * 4 + 8 * 24 * 4 + 8)
+  state = by["params"] + by["opt"] + by["ema"]
+  # The state is exact: the arguments are the state plus this device's batch.
+  assert abs(mem.argument_size_in_bytes - batch_bytes - state) <= 0.01 * state
+  xla_total = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+  plan_total = by["total"] - by["work"] + batch_bytes   # no remat: no recompute set
+  assert abs(plan_total - xla_total) <= 0.10 * xla_total, (plan_total, xla_total, by,
+                                                            mem.temp_size_in_bytes)
+
+
+def test_fsdp_shards_state_and_lora_trains_adapters_only():
+  c = _tiny_config("full", fsdp=8)
+  meshes = [("v5p", {"data": 1, "fsdp": 8, "tensor": 1}),
+            ("v5p", {"data": 8, "fsdp": 1, "tensor": 1})]
+  full = memory_plan.plan_setting(memory_plan.Setting(c, 1), meshes)
+  sharded, replicated = (m["bytes"] for m in full["meshes"])
+  assert replicated["params"] == 4 * full["params"]
+  # Kernels split 8 ways; biases and norm scales of tensor-axis dims stay replicated.
+  assert replicated["params"] / 8 < sharded["params"] < replicated["params"] / 6
+  assert replicated["opt"] / 8 < sharded["opt"] < replicated["opt"] / 6
+  c.model.param_dtype = "bfloat16"
+  lora = memory_plan.plan_setting(memory_plan.Setting(c, 1, lora_rank=4), meshes)
+  assert 0 < lora["trainable_params"] < full["params"] / 5
+  by = lora["meshes"][1]["bytes"]
+  assert by["params"] == 2 * lora["params"] + 4 * lora["trainable_params"]
+  assert by["ema"] == by["grads"] == 4 * lora["trainable_params"]
+  assert lora["meshes"][0]["flops_per_step"] < full["meshes"][0]["flops_per_step"]
