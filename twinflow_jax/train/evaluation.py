@@ -66,9 +66,12 @@ def decode_samples(decoder, samples: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 
 def decoded_shape(decoder, x_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Per-sample shape after `decode_samples` (decodes one zero latent to find out)."""
+  """Per-sample shape after `decode_samples`: [h f, w f, 3] for a VAE of factor f."""
   if decoder is None:
     return tuple(x_shape)
+  factor = decoder.metadata.get("vae", {}).get("downsample_factor")
+  if factor:
+    return (x_shape[0] * int(factor), x_shape[1] * int(factor), 3)
   return tuple(decoder(np.zeros((1, *x_shape), np.float32), output="float").shape[1:])
 
 
