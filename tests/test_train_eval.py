@@ -36,6 +36,7 @@ from twinflow_jax.train import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SD_VAE = str(ROOT / "tests" / "fixtures" / "vae_sd")
+ONE_DEVICE = jax.devices()[:1]
 
 
 def _config(name):
@@ -46,6 +47,7 @@ def _config(name):
 
 
 def _fast(c, steps):
+  c.mesh.update(data=1, fsdp=1, tensor=1)     # one device: the cheapest compile
   c.optim.update(schedule="constant", warmup_steps=0)
   c.train.update(global_batch_size=16, num_steps=steps, log_every=1, checkpoint_every=100,
                  sample_every=0, num_samples=8, sample_presets=("1nfe",),
@@ -60,7 +62,7 @@ def test_toy_run_writes_eval_scalars_with_fixed_seeds(tmp_path):
   c.data.toy2d_size = 512
   c.eval.update(every=2, num_samples=256, presets=("1nfe",), weights=("ema", "online"))
   workdir = str(tmp_path / "toy")
-  result = loop.train(c, workdir)
+  result = loop.train(c, workdir, devices=ONE_DEVICE)
   evals = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
            if "eval/seconds" in r]
   assert [r["step"] for r in evals] == [2, 4]            # every 2 steps, the last at the end
@@ -69,7 +71,7 @@ def test_toy_run_writes_eval_scalars_with_fixed_seeds(tmp_path):
   assert all(math.isfinite(evals[-1][k]) and evals[-1][k] >= 0 for k in keys)
   assert evals[-1]["eval/seconds"] >= evals[-1]["eval/sample_seconds"] > 0
   # The final evaluation is the metric of generate's samples (seed eval.seed) of the state.
-  setup = loop.build(c)
+  setup = loop.build(c, ONE_DEVICE)
   x = generate.generate(setup.apply_fn, result.state.ema, None, "1nfe", key=0, x_shape=(2,),
                         num=256, mesh=setup.mesh, rules=setup.rules)
   ev = sample_metrics.make_evaluators(("toy2d",), c.data, (2,))
@@ -80,7 +82,8 @@ def test_toy_run_writes_eval_scalars_with_fixed_seeds(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("metrics", ("fid",), r"config.eval.metrics must be a subset of"),
-    ("metrics", ("mnist",), r"config.eval: the 'mnist' metrics need config.data.source"),
+    ("metrics", ("mnist",), r"config.eval.metrics=\('mnist',\): the 'mnist' metrics need config.data.source="
+     r".*--config.eval.metrics='\(\)'"),
     ("weights", ("ema_0.5",), r"config.eval.weights has 'ema_0.5'"),
     ("presets", ("3nfe",), r"config.eval.presets must be"),
     ("metrics", ("inception",), r"config.eval.inception_weights must be"),
@@ -89,7 +92,7 @@ def test_eval_config_mistakes_name_the_field(tmp_path, field, value, message):
   c = _fast(_config("toy2d"), 2)
   c.eval[field] = value
   with pytest.raises(errors.ConfigError, match=message):
-    loop.train(c, str(tmp_path / "w"))
+    loop.train(c, str(tmp_path / "w"), devices=ONE_DEVICE)
   assert not (tmp_path / "w").exists()    # stopped before anything was written
 
 
@@ -143,6 +146,7 @@ def test_latent_run_decodes_grids_and_measures_decoded_images(latent_data, tmp_p
                  num_classes=2)
   c.data.update(latent_metadata.config_fields(meta, latent_data))
   c.data.update(read_threads=1, prefetch_buffer_size=2)
+  c.loss.update(estimate_order=1, enhanced_ratio=0.0)   # fewer network calls to compile
   c.eval.update(metrics=("inception",), every=0, at_end=True, num_samples=16, batch_size=16,
                 inception_weights=str(weights), reference=ref_path, seed=5,
                 inception_metrics=("fid", "inception_score"))
@@ -152,7 +156,7 @@ def test_latent_run_decodes_grids_and_measures_decoded_images(latent_data, tmp_p
   monkeypatch.setattr(loop, "write_samples",
                       lambda w, step, samples, *a: grids.append(samples) or write(
                           w, step, samples, *a))
-  loop.train(c, workdir)
+  loop.train(c, workdir, devices=ONE_DEVICE)
   [ev] = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
           if "eval/seconds" in r]
   # The final grid shows decoded images, not latents.

@@ -54,7 +54,8 @@ def load_config(name, overrides, **fields):
 
 # Settings every shrunk test config shares: a constant LR, logs every step, no samples.
 FAST = {"optim.schedule": "constant", "optim.warmup_steps": 0, "train.global_batch_size": 16,
-        "train.log_every": 1, "train.sample_every": 0, "train.use_tensorboard": False}
+        "train.log_every": 1, "train.sample_every": 0, "train.use_tensorboard": False,
+        "eval.metrics": ()}
 
 
 def toy_config(**overrides):

@@ -114,11 +114,15 @@ class TrainEvaluator:
     self._generate = functools.partial(
         generate.generate, apply_fn, key=int(e.seed), x_shape=tuple(x_shape), num=self.num,
         mesh=mesh, rules=tuple(rules), batch_size=int(e.batch_size))
-    with errors.as_config_errors("config.eval"):
+    try:
       self.evaluators = sample_metrics.make_evaluators(
           tuple(e.metrics), config.data, decoded_shape(decoder, tuple(x_shape)),
           inception_weights=e.inception_weights, reference=e.reference,
           inception_metrics=tuple(e.inception_metrics), mesh=mesh)
+    except (ValueError, FileNotFoundError) as err:
+      raise errors.ConfigError(
+          f"config.eval.metrics={tuple(e.metrics)}: {errors.one_line(err)}; fix the config.eval "
+          "fields, or turn evaluation off with --config.eval.metrics='()'") from err
     self.setup_seconds = time.perf_counter() - t0
 
   def due(self, step: int, num_steps: int) -> bool:
