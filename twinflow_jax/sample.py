@@ -193,6 +193,15 @@ def run(args: argparse.Namespace) -> str:
   from twinflow_jax.train import images  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
 
+  cache = jax.config.jax_compilation_cache_dir
+  if cache and os.path.commonpath([os.path.abspath(cache), os.path.abspath(args.workdir)]) == (
+      os.path.abspath(args.workdir)):
+    # In a process that trained this run (a notebook), the trainer's persistent XLA cache
+    # points into the workdir; compiling here would add files to it.
+    jax.config.update("jax_compilation_cache_dir", None)
+    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.reset_cache()
+    _log(f"persistent XLA cache {cache} lies in --workdir: not used by this command")
   t0 = time.perf_counter()
   try:
     run_ = readonly.load_run(args.workdir, args.step, (args.weights,))
