@@ -311,15 +311,15 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   """
   is_main = jax.process_index() == 0
   multi_process = jax.process_count() > 1
-  # Persistent XLA cache, by default in the workdir: a resumed run does not recompile.
-  enable_compilation_cache(config.train.compilation_cache_dir
-                           or os.path.join(workdir, "xla_cache"))
   setup = build(config, devices)
   t = config.train
   # Latent runs: grids and metrics see images decoded by the data's VAE. Built before
   # anything is written, so a missing VAE, reference or weights file stops here.
   decoder = evaluation.latent_decoder(config)
   evaluator = evaluation.create(config, setup, decoder)
+  # Persistent XLA cache, by default in the workdir: a resumed run does not recompile.
+  enable_compilation_cache(config.train.compilation_cache_dir
+                           or os.path.join(workdir, "xla_cache"))
   if is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   config_json = ckpt_lib.config_to_json(config)
