@@ -53,6 +53,8 @@ def latent_decoder(config: Any, vae_dir: str | None = None):
   folder = vae_dir or config.get("eval", {}).get("vae_dir", "") or None
   try:
     return vae_codec.decoder_for_data(config.data, mesh=vae_lib.batch_mesh(), vae_dir=folder)
+  except errors.UserError:
+    raise     # e.g. config.data.paths that match nothing: named by the data code
   except (ValueError, FileNotFoundError) as e:
     raise errors.ConfigError(
         f"{e} (decoding latent samples; set --config.eval.vae_dir to the VAE folder)") from e
