@@ -136,10 +136,14 @@ class TrainEvaluator:
     x = self._generate(params, labels, preset)
     return x if self.decoder is None else self.decoder(x, output="float")
 
-  def __call__(self, state: Any, step: int) -> dict[str, float]:
-    """All metrics of `state` at `step`: {'eval/<weights>/<preset>/<metric>/<key>': v}."""
+  def __call__(self, state: Any, step: int, frozen: Any = None) -> dict[str, float]:
+    """All metrics of `state` at `step`: {'eval/<weights>/<preset>/<metric>/<key>': v}.
+
+    `frozen`: a LoRA run's frozen base; the model then takes (weights, frozen).
+    """
     from twinflow_jax.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
-    weights = {w: weights_of(state, src) for w, src in self.weights.items()}
+    weights = {w: weights_of(state, src) if frozen is None else (weights_of(state, src), frozen)
+               for w, src in self.weights.items()}
     return sample_metrics.evaluate_presets(self.sample, weights, self.presets, self.labels,
                                            self.evaluators)
 
@@ -166,9 +170,11 @@ def create(config: Any, setup: Any, decoder=None) -> TrainEvaluator | None:
 
 
 def run_and_record(evaluator: TrainEvaluator, state: Any, step: int, jsonl: Any, writer: Any,
-                   history: list[dict[str, Any]] | None = None) -> dict[str, float]:
-  """Evaluates `state`, writes the scalars (metric writers, metrics.jsonl) and logs them."""
-  scalars = evaluator(state, step)
+                   history: list[dict[str, Any]] | None = None, frozen: Any = None
+                   ) -> dict[str, float]:
+  """Evaluates `state` (with a LoRA run's `frozen` base), writes the scalars (metric
+  writers, metrics.jsonl) and logs them."""
+  scalars = evaluator(state, step, frozen)
   jsonl.write(step, scalars)
   writer.write_scalars(step, scalars)
   if history is not None:
