@@ -55,7 +55,8 @@ def test_error_types_are_light():
 def test_sampling_and_evaluation_modules_stay_light():
   loaded = _modules_after("twinflow_jax.generate, twinflow_jax.sample, "
                           "twinflow_jax.train.readonly, twinflow_jax.evaluation.mnist, "
-                          "twinflow_jax.evaluation.toy, twinflow_jax.evaluation.sample_metrics")
+                          "twinflow_jax.evaluation.toy, twinflow_jax.evaluation.sample_metrics, "
+                          "twinflow_jax.train.evaluation")
   assert not {"tensorflow", "tensorflow_datasets", "torch"} & set(loaded), loaded
 
 
@@ -64,6 +65,7 @@ def test_sample_command_help():
                        capture_output=True, text=True)
   assert out.returncode == 0 and "--workdir" in out.stdout and "--cfg-scale" in out.stdout
   assert "--diffusers" in out.stdout and "--guidance" in out.stdout
+  assert "--vae" in out.stdout and "--metrics" in out.stdout
 
 
 def test_vae_and_preparation_modules_stay_light():

@@ -35,6 +35,7 @@ def tiny_config():
                  log_every=1, sample_every=0, num_samples=10, sample_presets=("1nfe",),
                  use_tensorboard=False, async_checkpointing=False, eval_ema_decays=(0.9,))
   c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.eval.metrics = ()
   return c
 
 

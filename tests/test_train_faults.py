@@ -27,7 +27,8 @@ TOY = ["--config.model.hidden=16", "--config.model.depth=1", "--config.data.toy2
        "--config.optim.warmup_steps=0", "--config.train.log_every=1",
        "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=3",
        "--config.train.sample_every=0", "--config.train.num_samples=16",
-       "--config.train.sample_presets=('1nfe',)", "--config.train.use_tensorboard=false"]
+       "--config.train.sample_presets=('1nfe',)", "--config.train.use_tensorboard=false",
+       "--config.eval.metrics=()"]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_all_nan_data_stops(tmp_path, cache_dir):
       "--config.train.num_steps=50", "--config.train.checkpoint_every=2",
       "--config.train.max_consecutive_skips=3", "--config.train.sample_every=0",
       "--config.train.log_every=1", "--config.optim.schedule=constant",
-      config="configs/default.py", cache=cache_dir)
+      "--config.eval.metrics=()", config="configs/default.py", cache=cache_dir)
   assert out.returncode == 3, out.stderr[-3000:]
   assert last_line(out).startswith(
       "error: training stopped: 3 consecutive steps were skipped "

@@ -54,7 +54,8 @@ def load_config(name, overrides, **fields):
 
 # Settings every shrunk test config shares: a constant LR, logs every step, no samples.
 FAST = {"optim.schedule": "constant", "optim.warmup_steps": 0, "train.global_batch_size": 16,
-        "train.log_every": 1, "train.sample_every": 0, "train.use_tensorboard": False}
+        "train.log_every": 1, "train.sample_every": 0, "train.use_tensorboard": False,
+        "eval.metrics": ()}
 
 
 def toy_config(**overrides):
@@ -222,7 +223,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
          "--config.model.hidden=16", "--config.model.depth=1",
          "--config.train.global_batch_size=16", "--config.data.toy2d_size=512",
          # A constant LR, so that the resumed run may stop at a nearer step count.
-         "--config.optim.schedule=constant", "--config.optim.warmup_steps=0"]
+         "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
+         "--config.eval.metrics=()"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

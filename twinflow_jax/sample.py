@@ -7,6 +7,8 @@ r"""Samples from a training run, read-only: `python -m twinflow_jax.sample --wor
   python -m twinflow_jax.sample --workdir /runs/flux_lora --cond-file prompts.npz --guidance 3.5
   python -m twinflow_jax.sample --diffusers /hf/Qwen-Image/transformer --latent-size 64,64 \
       --cond-file prompts.npz --preset 4nfe
+  python -m twinflow_jax.sample --workdir /tmp/in256 --num 5000 --vae /models/sd-vae \
+      --metrics inception --inception-weights fid_inception.npz --reference in256_ref.npz
 
 Reads the run's own config (DIR/config.json), builds its model, reads only the chosen
 weights of one checkpoint (default: the newest) and generates on all local devices with
@@ -15,6 +17,13 @@ per-sample seeds (sample i depends only on --seed and i, not on the device count
 weights, seed) and OUT.png (a grid; one class per column for class-conditional runs). It
 never writes into, moves or deletes anything in DIR: an unreadable checkpoint is reported
 and the command exits with status 1 (pick another with --step).
+
+Latent runs (data prepared by `python -m twinflow_jax.data.prepare`, whose metadata.json
+names the VAE) are decoded through that VAE (or the one given with --vae): OUT.npz also
+holds `images` (uint8 [N, H, W, 3]), and the grid and the metrics show decoded images.
+--metrics judges the samples with the evaluators of the trainer's `config.eval.metrics`
+('mnist', 'toy2d', 'inception'); the values are printed and stored in OUT.npz
+(`metrics`, JSON).
 """
 
 from __future__ import annotations
@@ -76,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses fold_in(seed, i)")
   p.add_argument("--batch", type=int, default=256,
                  help="samples per device call across all devices (does not change samples)")
+  p.add_argument("--vae", default=None,
+                 help="latent runs: the VAE folder that decodes the samples (default: the one "
+                      "recorded in the data's metadata.json)")
+  p.add_argument("--no-decode", "--no_decode", dest="decode", action="store_false",
+                 help="latent runs: keep the samples as latents (no VAE needed)")
+  p.add_argument("--metrics", default="",
+                 help="comma-separated metrics of the samples: mnist, toy2d, inception "
+                      "(FID / Inception Score of the (decoded) images)")
+  p.add_argument("--reference", default="",
+                 help="--metrics inception: FID reference statistics .npz (evaluation.fid_stats)")
+  p.add_argument("--inception-weights", "--inception_weights", dest="inception_weights",
+                 default="", help="--metrics inception: converted FID Inception weights .npz")
+  p.add_argument("--inception-metrics", "--inception_metrics", dest="inception_metrics",
+                 default="fid,inception_score",
+                 help="--metrics inception: any of fid, inception_score, precision, recall")
   p.add_argument("--out", default=None,
                  help="output .npz (a .png grid is written next to it); default "
                       "./samples_<run>_step<S>_<preset>_<weights>.npz")
@@ -155,6 +179,37 @@ def _model_field(run_, field: str) -> Any:
   return getattr(cfg, field, None)
 
 
+def _decoder_and_evaluators(args: argparse.Namespace, run_: Any):
+  """(VAE decoder or None, {metric: evaluator}) for this run and the flags."""
+  from twinflow_jax.train import evaluation  # pylint: disable=g-import-not-at-top
+  decoder = None
+  if args.decode:
+    try:
+      decoder = evaluation.latent_decoder(run_.config, vae_dir=args.vae)
+    except ValueError as e:
+      raise UserError(str(e).replace("set --config.eval.vae_dir to", "give --vae")) from e
+    if decoder is None and args.vae:
+      raise UserError(f"--vae {args.vae} given, but the run's data (config.data.source="
+                      f"{run_.config.data.source!r}, paths={run_.config.data.get('paths')!r}) "
+                      "have no metadata.json naming latents to decode")
+  metrics = tuple(m for m in args.metrics.replace(" ", "").split(",") if m)
+  if not metrics:
+    return decoder, {}
+  from twinflow_jax.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
+  if "inception" in metrics and not args.inception_weights:
+    raise UserError("--metrics inception needs --inception-weights (the converted FID "
+                    "Inception .npz of python -m twinflow_jax.models.convert.inception)")
+  shape = evaluation.decoded_shape(decoder, tuple(run_.spec.x_shape))
+  try:
+    evaluators = sample_metrics.make_evaluators(
+        metrics, run_.config.data, shape, inception_weights=args.inception_weights,
+        reference=args.reference, mesh=run_.mesh,
+        inception_metrics=tuple(m for m in args.inception_metrics.split(",") if m))
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(f"--metrics: {e}") from e
+  return decoder, evaluators
+
+
 def default_out(workdir: str, step: int, preset: str, weights: str) -> str:
   run = os.path.basename(os.path.normpath(workdir)) or "run"
   return os.path.abspath(f"samples_{run}_step{step}_{preset}_{weights}.npz")
@@ -213,6 +268,7 @@ def run(args: argparse.Namespace) -> str:
     cond = labels
   if args.cfg_scale is not None and cond is None:
     raise UserError("--cfg-scale needs a conditional run")
+  decoder, evaluators = _decoder_and_evaluators(args, run_)
   out = args.out or default_out(args.workdir, step, args.preset, args.weights)
   if not out.endswith(".npz"):
     out += ".npz"
@@ -235,6 +291,19 @@ def run(args: argparse.Namespace) -> str:
       x_shape=spec.x_shape, num=num, mesh=run_.mesh, rules=run_.rules, batch_size=args.batch,
       uncond=uncond, cfg_scale=args.cfg_scale, progress=True)
   _log(f"generated {num} samples in {time.perf_counter() - t0:.1f}s")
+  shown = samples
+  if decoder is not None:
+    t0 = time.perf_counter()
+    shown = decoder(samples, output="float")
+    _log(f"decoded {num} latents to images {tuple(shown.shape[1:])} in "
+         f"{time.perf_counter() - t0:.1f}s")
+  metrics = {}
+  if evaluators:
+    from twinflow_jax.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
+    t0 = time.perf_counter()
+    metrics = sample_metrics.evaluate(shown, labels, evaluators)
+    _log(f"metrics ({time.perf_counter() - t0:.1f}s): " +
+         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -244,6 +313,11 @@ def run(args: argparse.Namespace) -> str:
               "cfg_scale": np.asarray(np.nan if args.cfg_scale is None else args.cfg_scale),
               "sampler": np.asarray(json.dumps(cfg.__dict__)),
               "workdir": np.asarray(os.path.abspath(args.workdir))}
+    if decoder is not None:
+      from twinflow_jax.evaluation import preprocess  # pylint: disable=g-import-not-at-top
+      record["images"] = preprocess.samples_to_uint8(shown)   # as the FID sees them
+    if metrics:
+      record["metrics"] = np.asarray(json.dumps(metrics))
     if labels is not None:
       record["labels"] = labels
     elif isinstance(cond, dict):
@@ -252,7 +326,7 @@ def run(args: argparse.Namespace) -> str:
     cycled = labels is not None and args.labels is None and 1 < spec.num_classes <= 32
     png = out[:-4] + ".png"
     images.write_png(png, images.samples_to_image(
-        samples, ncols=spec.num_classes if cycled else None))
+        shown, ncols=spec.num_classes if cycled else None))
     _log(f"wrote {out} and {png}")
   return out
 

@@ -16,11 +16,16 @@ evaluation sees the same noise. Metrics ('name/key' in the results):
           features) and diversity relative to real digits (`evaluation.mnist`).
   toy2d   sliced Wasserstein distance and RBF-kernel MMD^2 to a held-out sample of the toy
           distribution (`evaluation.toy`).
-More (e.g. Inception FID with reference statistics) plug in with `register`.
+  inception  FID, Inception Score and precision/recall with the FID InceptionV3
+          (`inception_metrics`): images (or decoded latents) [N, H, W, 1 | 3] in [-1, 1],
+          quantised and resized as the ADM suite does; needs `inception_weights` (converted
+          .npz) and, for FID / precision / recall, `reference` statistics (.npz).
+More plug in with `register`.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -64,7 +69,51 @@ def _toy_factory(data_config: Any, x_shape: Sequence[int], num_reference: int = 
   return evaluate
 
 
-_REGISTRY: dict[str, EvaluatorFactory] = {"mnist": _mnist_factory, "toy2d": _toy_factory}
+def _inception_factory(data_config: Any, x_shape: Sequence[int], *,
+                       inception_weights: str = "", reference: str = "",
+                       inception_metrics: Sequence[str] = ("fid", "inception_score"),
+                       mesh: Any = None, inception_model: Any = None,
+                       inception_batch_size: int | None = None, **_) -> Evaluator:
+  """FID / IS / precision-recall of image samples; `inception_model` replaces the weights."""
+  del data_config
+  import jax  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.evaluation import extractor  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.evaluation import inception_metrics as im  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.evaluation import reference as reference_lib  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models.convert import inception as convert  # pylint: disable=g-import-not-at-top
+  if len(x_shape) != 3 or x_shape[-1] not in (1, 3):
+    raise ValueError(f"the 'inception' metrics need images [H, W, 1 | 3], got samples of "
+                     f"{tuple(x_shape)} (latent runs are decoded through their VAE first)")
+  metrics = tuple(inception_metrics)
+  needs_ref = {"fid", "precision", "recall"} & set(metrics)
+  if needs_ref and not reference:
+    raise ValueError(f"the 'inception' metrics {sorted(needs_ref)} need reference statistics "
+                     "(an .npz of python -m twinflow_jax.evaluation.fid_stats)")
+  ref = reference_lib.load_reference(reference) if reference else None
+  if inception_model is None:
+    if not inception_weights:
+      raise ValueError("the 'inception' metrics need the converted FID Inception weights "
+                       "(python -m twinflow_jax.models.convert.inception)")
+    if not os.path.isfile(inception_weights):
+      raise FileNotFoundError(f"FID Inception weights {inception_weights!r} not found")
+    inception_model = convert.load_inception(inception_weights)
+  mesh = mesh if mesh is not None and "data" in mesh.axis_names else None
+  extract = extractor.ActivationExtractor(inception_model, mesh=mesh,
+                                          batch_size=inception_batch_size)
+
+  def evaluate(samples: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+    del labels
+    # Every process holds all N samples; each contributes its own contiguous part, so the
+    # gathered activations are the N samples once, in order.
+    parts = np.array_split(np.asarray(samples), jax.process_count())
+    acts = extract(parts[jax.process_index()])
+    return im.inception_metrics(acts, ref, metrics)
+
+  return evaluate
+
+
+_REGISTRY: dict[str, EvaluatorFactory] = {"mnist": _mnist_factory, "toy2d": _toy_factory,
+                                          "inception": _inception_factory}
 
 
 def register(name: str, factory: EvaluatorFactory) -> None:

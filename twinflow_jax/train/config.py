@@ -10,6 +10,8 @@ can be overridden on the command line (`--config.optim.lr=1e-4`). Sections:
   train           loop: steps, batch, logging, checkpoints, samples, EMAs.
   mesh            device mesh and logical-axis rules (`twinflow_jax.train.mesh`).
   lora            LoRA fine-tuning (`twinflow_jax.train.lora`); rank 0 = full fine-tune.
+  eval            evaluation during training (`twinflow_jax.train.evaluation`) and the VAE
+                  that decodes latent samples for grids and metrics.
 """
 
 from __future__ import annotations
@@ -72,6 +74,24 @@ def base_config() -> ml_collections.ConfigDict:
       allow_config_change=False,  # resume although state-relevant fields changed
   ))
 
+  # Evaluation during training (docs/evaluation.md): every `every` steps and/or after the
+  # final checkpoint, `num_samples` samples of each preset from each set of weights, with
+  # the same per-sample seeds every time, judged by `metrics`. Empty `metrics`: off.
+  c.eval = ml_collections.ConfigDict(dict(
+      metrics=(),              # 'mnist', 'toy2d', 'inception' (FID / IS on images)
+      every=0,                 # train steps between evaluations; 0: none during training
+      at_end=True,             # also after the final checkpoint
+      presets=("1nfe",),       # sampler presets (twinflow_jax.sampling.PRESETS)
+      weights=("ema",),        # 'ema', 'online' or 'ema_<decay>' (train.eval_ema_decays)
+      num_samples=1000,        # per preset and weights; classes cycled 0..C-1
+      batch_size=256,          # samples per device call (does not change the samples)
+      seed=0,                  # sample i uses fold_in(seed, i), as `python -m ...sample`
+      reference="",            # 'inception': FID reference statistics .npz (fid_stats)
+      inception_weights="",    # 'inception': converted FID Inception .npz
+      inception_metrics=("fid", "inception_score"),  # also 'precision', 'recall'
+      vae_dir="",              # latent data: VAE folder ('' = the one in metadata.json)
+  ))
+
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, tensor=1,                 # in-slice sizes; one -1 fills the rest
       dcn_data=1, dcn_fsdp=1, dcn_tensor=1,      # across-slice sizes (multi-slice TPU)
@@ -109,7 +129,7 @@ def validate(config: Any) -> None:
   unknown = sorted(set(config.keys()) - known)
   if unknown:
     raise errors.ConfigError(f"unknown config sections {unknown}; known: {sorted(known)}")
-  for section in ("train", "optim", "mesh", "lora"):
+  for section in ("train", "optim", "mesh", "lora", "eval"):
     if section not in config:
       continue
     allowed = set(base_config()[section].keys())
@@ -142,6 +162,63 @@ def validate(config: Any) -> None:
   if "lora" in config:
     from twinflow_jax.train import lora  # pylint: disable=g-import-not-at-top
     lora.validate(config)
+  if "eval" in config:
+    _check_eval(config)
+
+
+EVAL_METRICS = ("mnist", "toy2d", "inception")
+INCEPTION_METRICS = ("fid", "inception_score", "precision", "recall")
+
+
+def _check_eval(config: Any) -> None:
+  """config.eval: names the bad field (files are opened when the evaluator is built)."""
+  e = config.eval
+  for f in ("metrics", "presets", "weights", "inception_metrics"):
+    _require(isinstance(e[f], (tuple, list)) and all(isinstance(v, str) for v in e[f]),
+             f"eval.{f}", "a tuple of names", e[f])
+  bad = [m for m in e.metrics if m not in EVAL_METRICS]
+  _require(not bad, "eval.metrics", f"a subset of {EVAL_METRICS}", e.metrics)
+  bad = [m for m in e.inception_metrics if m not in INCEPTION_METRICS]
+  _require(not bad, "eval.inception_metrics", f"a subset of {INCEPTION_METRICS}",
+           e.inception_metrics)
+  from twinflow_jax import sampling  # pylint: disable=g-import-not-at-top
+  bad = [p for p in e.presets if p not in sampling.PRESETS]
+  _require(not bad and len(e.presets) > 0, "eval.presets",
+           f"a non-empty subset of {tuple(sampling.PRESETS)}", e.presets)
+  _require(isinstance(e.every, int) and e.every >= 0, "eval.every", "an int >= 0", e.every)
+  for f in ("num_samples", "batch_size"):
+    _require(isinstance(e[f], int) and e[f] >= 2, f"eval.{f}", "an int >= 2", e[f])
+  _require(isinstance(e.seed, int), "eval.seed", "an int", e.seed)
+  _require(len(e.weights) > 0, "eval.weights", "a non-empty tuple", e.weights)
+  for w in e.weights:
+    if eval_weights_source(config, w) is None:
+      raise errors.ConfigError(
+          f"config.eval.weights has {w!r}; use 'ema', 'online' or 'ema_<decay>' with a decay "
+          f"of config.train.eval_ema_decays={tuple(config.train.eval_ema_decays)}")
+  if "inception" in e.metrics:
+    _require(bool(e.inception_weights), "eval.inception_weights",
+             "the converted FID Inception .npz (python -m twinflow_jax.models.convert."
+             "inception) for eval.metrics 'inception'", e.inception_weights)
+    needs_ref = {"fid", "precision", "recall"} & set(e.inception_metrics)
+    _require(bool(e.reference) or not needs_ref, "eval.reference",
+             f"reference statistics .npz (python -m twinflow_jax.evaluation.fid_stats) for "
+             f"{sorted(needs_ref)}", e.reference)
+
+
+def eval_weights_source(config: Any, name: str) -> str | None:
+  """'ema' -> 'ema', 'online' -> 'params', 'ema_<decay>' -> its eval-EMA key; else None."""
+  if name == "ema":
+    return "ema"
+  if name in ("online", "params"):
+    return "params"
+  if not name.startswith("ema_"):
+    return None
+  try:
+    decay = float(name[4:].replace("p", "."))
+  except ValueError:
+    return None
+  decays = [float(d) for d in config.train.eval_ema_decays]
+  return eval_ema_name(decay) if decay in decays else None
 
 
 def _check_warmup(config: Any) -> None:

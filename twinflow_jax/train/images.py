@@ -114,8 +114,8 @@ def samples_to_image(samples: np.ndarray, ncols: int | None = None) -> np.ndarra
 
   [N, 2] points -> a density scatter; [N, H, W, 1 | 3] pixels in [-1, 1] -> a grid;
   latents (other channel counts) -> a grid of their first 3 channels on [-2.5, 2.5]
-  (a quick look, not a decoded image: the trainer has no VAE). Tiles below 64 pixels
-  are enlarged.
+  (a quick look for latents without a VAE; `train.evaluation.decode_samples` decodes
+  them first when the data's metadata names one). Tiles below 64 pixels are enlarged.
   """
   samples = np.asarray(samples)
   if samples.ndim == 2 and samples.shape[1] == 2:

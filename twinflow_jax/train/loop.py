@@ -31,6 +31,7 @@ from twinflow_jax import models
 from twinflow_jax import sampling
 from twinflow_jax.train import checkpoint as ckpt_lib
 from twinflow_jax.train import config as config_lib
+from twinflow_jax.train import evaluation
 from twinflow_jax.train import faults
 from twinflow_jax.train import images
 from twinflow_jax.train import lora as lora_train
@@ -350,11 +351,15 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   """
   is_main = jax.process_index() == 0
   multi_process = jax.process_count() > 1
+  setup = build(config, devices)
+  t = config.train
+  # Latent runs: grids and metrics see images decoded by the data's VAE. Built before
+  # anything is written, so a missing VAE, reference or weights file stops here.
+  decoder = evaluation.latent_decoder(config)
+  evaluator = evaluation.create(config, setup, decoder)
   # Persistent XLA cache, by default in the workdir: a resumed run does not recompile.
   enable_compilation_cache(config.train.compilation_cache_dir
                            or os.path.join(workdir, "xla_cache"))
-  setup = build(config, devices)
-  t = config.train
   if is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   config_json = ckpt_lib.config_to_json(config)
@@ -481,7 +486,11 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
                                                    throughput.eta_seconds(step)))
         if t.sample_every and step % t.sample_every == 0 and step < t.num_steps:
           samples = sampler(sample_weights(state), step, text_cond)
-          write_samples(workdir, step, samples, writer, is_main, grid_cols)
+          write_samples(workdir, step, evaluation.decode_samples(decoder, samples), writer,
+                        is_main, grid_cols)
+        if evaluator is not None and evaluator.due(step, t.num_steps):
+          evaluation.run_and_record(evaluator, state, step, jsonl, writer, history,
+                                    frozen=frozen)
 
         if stop_at_step is not None and step >= stop_at_step:
           stopped = "stop_at_step"
@@ -510,9 +519,13 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
         checkpointer.save(step, state, data_iter, config_json, force=True)
         checkpointer.finish(step)
         samples = sampler(sample_weights(state), step, text_cond)
-        paths = write_samples(workdir, step, samples, writer, is_main, grid_cols)
+        paths = write_samples(workdir, step, evaluation.decode_samples(decoder, samples),
+                              writer, is_main, grid_cols)
         if is_main:
           logging.info("done at step %d; samples: %s", step, ", ".join(paths))
+        if evaluator is not None and evaluator.at_end:
+          evaluation.run_and_record(evaluator, state, step, jsonl, writer, history,
+                                    frozen=frozen)
   finally:
     checkpointer.close()
     writer.flush()
