@@ -63,6 +63,7 @@ def test_stored_stripped_plain_python_and_configs_from_files(name):
     assert os.path.isfile(os.path.join(_ROOT, path)), path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _NOTEBOOKS)
 def test_runs_headless_on_cpu_in_quick_mode(name):
   env = dict(os.environ, TWINFLOW_NOTEBOOK_QUICK="1", XLA_FLAGS="", JAX_PLATFORMS="cpu")
