@@ -23,6 +23,7 @@ def cache_events():
   loop.enable_compilation_cache(None)   # leave the process as we found it
 
 
+@pytest.mark.slow
 def test_resumed_run_reads_its_compiled_step_from_the_workdir(tmp_path, cache_events):
   workdir = str(tmp_path / "run")
   config = test_train_loop.toy_config(**{"train.compilation_cache_dir": "",

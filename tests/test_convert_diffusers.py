@@ -250,6 +250,7 @@ def t2i_config(model):
   return c
 
 
+@pytest.mark.slow
 def test_trainer_init_from_diffusers_folder_and_export_from_run(tmp_path, monkeypatch):
   from twinflow_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import loop  # pylint: disable=g-import-not-at-top

@@ -62,6 +62,7 @@ def compiled_cases():
           for r, log in zip(results, logs)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh,row_blocks", LOCAL, ids=lambda v: str(v))
 def test_shard_local_rows_move_no_activations(compiled_cases, mesh, row_blocks):
   found, log = compiled_cases[(mesh, row_blocks)]
@@ -74,6 +75,7 @@ def test_shard_local_rows_move_no_activations(compiled_cases, mesh, row_blocks):
     assert any(op == "all-gather" for op, _ in found)
 
 
+@pytest.mark.slow
 def test_official_layout_moves_image_rows(compiled_cases):
   found, _ = compiled_cases[OFFICIAL]
   assert any(hlo_collectives.moves_activations(tuple(s)) for _, shapes in found

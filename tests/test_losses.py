@@ -345,6 +345,7 @@ def test_bfloat16_inputs_and_params():
   np.testing.assert_allclose(float(loss), float(d["loss"]), rtol=0.1)
 
 
+@pytest.mark.slow
 def test_cond_pytree_and_sample_draws():
   b, key = 12, jax.random.key(0)
   config = TwinFlowConfig()

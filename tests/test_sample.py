@@ -65,6 +65,7 @@ def corrupt_state(workdir, step):
       f.write_bytes(b"not a checkpoint")
 
 
+@pytest.mark.slow
 def test_same_samples_on_1_and_8_devices_and_any_batch(run_dir):
   eight = readonly.load_run(run_dir, weights=("ema", "online"))
   one = readonly.load_run(run_dir, weights=("ema",), devices=jax.devices()[:1])

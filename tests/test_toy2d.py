@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import numpy as np
+import pytest
 
 _PATH = pathlib.Path(__file__).parents[1] / "benchmarks" / "toy2d.py"
 _spec = importlib.util.spec_from_file_location("toy2d_benchmark", _PATH)
@@ -19,6 +20,7 @@ def test_sliced_wasserstein():
   assert 0.5 < shifted < 0.7   # E|<(1, 0), u>| over unit directions u = 2 / pi
 
 
+@pytest.mark.slow
 def test_twinflow_one_step_beats_flow_matching():
   kw = dict(dist="gaussians8", steps=600, batch=128, seed=0)
   tf = toy2d.evaluate(*toy2d.train("twinflow", **kw), nfes=(1,), n=2048)

@@ -130,6 +130,7 @@ def test_nan_in_optimizer_state_stops_without_saving(good_run, tmp_path, cache_d
                     for s in (2, 4, 6)}
 
 
+@pytest.mark.slow
 def test_all_nan_data_stops(tmp_path, cache_dir):
   n = 64
   prefix = str(tmp_path / "nan" / "lat")

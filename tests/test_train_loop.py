@@ -122,6 +122,7 @@ def tiny_dit_config(**overrides):
       "train.compilation_cache_dir": CACHE_DIR or ""})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row_blocks", [1, 4])
 def test_fsdp_and_tensor_sharded_dit_matches_one_device(tmp_path, row_blocks):
   # The toy MLP is replicated; a DiT really shards its weights over fsdp and tensor.
@@ -215,6 +216,7 @@ def test_no_restorable_checkpoint_stops_and_keeps_everything(tmp_path):
   assert metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) == before
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "sigterm"
   cmd = [sys.executable, "-m", "twinflow_jax.main", "--config", str(ROOT / "configs/toy2d.py"),
@@ -395,6 +397,7 @@ def test_eval_ema_name_is_checkpoint_safe():
   assert state_lib.eval_ema_name(0.9999) == "ema_0p9999"
 
 
+@pytest.mark.slow
 def test_dit_bfloat16_compute_sharded_params_and_optimizer_state():
   """A tiny DiT on MNIST: bf16 compute, f32 master weights, FSDP/tensor-sharded state."""
   cfg = toy_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})

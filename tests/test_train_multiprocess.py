@@ -141,11 +141,13 @@ def two_process_run(tmp_path_factory, cache):
   return workdir
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(two_process_run, reference):
   assert_same_run(two_process_run, reference, 6)
   assert "2 process(es)" in log_of(two_process_run, 0)
 
 
+@pytest.mark.slow
 def test_processes_agree_when_one_cannot_read_the_newest(two_process_run, reference,
                                                          tmp_path, cache):
   workdir = tmp_path / "run"
@@ -164,6 +166,7 @@ def test_processes_agree_when_one_cannot_read_the_newest(two_process_run, refere
   assert_same_run(workdir, reference, 8)
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_process_then_restart_resumes_exactly(tmp_path, reference, cache):
   workdir = tmp_path / "run"
   with two_processes(workdir, "--config.train.num_steps=8", faults=(None, "hang@5"),

@@ -139,9 +139,6 @@ def run(config, workdir: str) -> None:
   """Trains; user mistakes and run faults end in one line and exit status 2 / 3."""
   try:
     from twinflow_jax.train import loop  # pylint: disable=g-import-not-at-top
-    from twinflow_jax.train import metrics  # pylint: disable=g-import-not-at-top
-    metrics.quiet_library_logs()
-    logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
     result = loop.train(config, workdir)
   except errors.UserError as e:
     _fail(e, errors.EXIT_USER_ERROR)
@@ -174,6 +171,11 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config configs/default.py")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  # Before JAX starts its backends: their plugin probe logs at INFO ("Unable to initialize
+  # backend 'tpu' ... libtpu.so") is hidden, and one line names the backend in use instead.
+  from twinflow_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  metrics.quiet_library_logs()
+  logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
   try:
     maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
                                  _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -182,6 +184,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # only process 0 reports progress
+  logging.info(metrics.backend_line())
   run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -1,8 +1,9 @@
 """Metric sinks: CLU writers (TensorBoard when available), metrics.jsonl and a progress line.
 
 `clu.metric_writers` imports TensorFlow, which the core install does not have; without it
-the trainer logs scalars through absl logging with the same writer interface, so training
-never depends on TensorFlow.
+the trainer uses a writer with the same interface that keeps the console quiet, so training
+never depends on TensorFlow. The console gets one progress line per logged step: every
+scalar is in metrics.jsonl (and TensorBoard), so no writer repeats them in the log.
 """
 
 from __future__ import annotations
@@ -33,23 +34,59 @@ class _DropLibraryInfo(logging_std.Filter):
         m in record.pathname for m in self._markers)
 
 
+# JAX start-up INFO records that alarm more than they inform: the probe of every backend
+# plugin ("Unable to initialize backend 'tpu': ... libtpu.so" on any machine without TPUs)
+# and the compilation cache's reset notice. `log_backend` states the backend in use instead;
+# a backend that was asked for (JAX_PLATFORMS) and fails still raises in JAX.
+_JAX_STARTUP_LOGGERS = ("jax._src.xla_bridge", "jax._src.compilation_cache")
+
+
+class _DropLoggerInfo(logging_std.Filter):
+  """Drops INFO (and lower) records of the named loggers."""
+
+  def __init__(self, names: tuple[str, ...]):
+    super().__init__()
+    self._names = names
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno > logging_std.INFO or record.name not in self._names
+
+
 def quiet_library_logs(packages: tuple[str, ...] = ("orbax",)) -> None:
-  """Hides the per-save INFO chatter of Orbax so the progress lines stay readable."""
+  """Hides Orbax's per-save INFO chatter and JAX's backend probe so progress stays readable.
+
+  Call it before the first JAX computation (the probe runs when the backends start).
+  """
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
     handler.addFilter(_DropLibraryInfo(packages))
+  if not any(isinstance(f, _DropLoggerInfo) for f in handler.filters):
+    handler.addFilter(_DropLoggerInfo(_JAX_STARTUP_LOGGERS))
+
+
+def backend_line() -> str:
+  """One line naming the JAX backend and devices in use, e.g. 'JAX backend cpu: 8 ...'."""
+  import jax  # pylint: disable=g-import-not-at-top
+  kinds = sorted({d.device_kind for d in jax.devices()})
+  return (f"JAX backend {jax.default_backend()}: {jax.device_count()} device(s) "
+          f"({', '.join(kinds)}), {jax.local_device_count()} local, "
+          f"{jax.process_count()} process(es)")
 
 
 class LoggingWriter:
-  """Fallback with the `clu.metric_writers.MetricWriter` interface: logs via absl."""
+  """Fallback with the `clu.metric_writers.MetricWriter` interface, without TensorFlow.
+
+  Scalars and images are already in metrics.jsonl, the progress line and samples/*.png, so
+  they are logged at DEBUG level only (`--verbosity=1` shows them).
+  """
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     text = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(scalars.items()))
-    logging.info("[%d] %s", step, text)
+    logging.debug("[%d] %s", step, text)
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
     shapes = ", ".join(f"{k}: {np.shape(v)}" for k, v in images.items())
-    logging.info("[%d] images %s", step, shapes)
+    logging.debug("[%d] images %s", step, shapes)
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     for k, v in texts.items():
@@ -88,7 +125,10 @@ def tensorboard_available() -> bool:
 
 
 def create_writer(workdir: str, is_main: bool, use_tensorboard: bool = True) -> Any:
-  """CLU's default writer (TensorBoard + logging) if possible, else `LoggingWriter`.
+  """CLU's asynchronous TensorBoard writer if possible, else `LoggingWriter`.
+
+  Not `clu.metric_writers.create_default_writer`: it adds CLU's LoggingWriter, which would
+  print every scalar a second time next to the progress line.
 
   Args:
     workdir: event files go to `workdir/tensorboard`.
@@ -100,8 +140,8 @@ def create_writer(workdir: str, is_main: bool, use_tensorboard: bool = True) -> 
   if use_tensorboard and tensorboard_available():
     try:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      return metric_writers.create_default_writer(
-          os.path.join(workdir, "tensorboard"), asynchronous=True)
+      return metric_writers.AsyncWriter(
+          metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("TensorBoard writer unavailable (%s); logging only", e)
   return LoggingWriter()
