@@ -54,7 +54,7 @@ def test_configs_page_lists_every_field():
   from twinflow_jax.train.config import base_config  # pylint: disable=g-import-not-at-top
   page = _read("docs/configs.md")
   config = base_config()
-  for section in ("data", "optim", "train", "mesh"):
+  for section in ("data", "optim", "train", "mesh", "eval", "lora"):
     for field in config[section]:
       assert f"`{section}.{field}`" in page, f"docs/configs.md misses {section}.{field}"
   for name in os.listdir(os.path.join(_ROOT, "configs")):
