@@ -34,7 +34,7 @@ setup(
         # scipy (also a jax dependency): reference sqrtm in the FID tests. tokenizers: the
         # caption-embedding tests read the tiny tokenizers of tests/fixtures. Pillow: the
         # latent-preparation tests decode PNG / JPEG / CMYK images.
-        "test": ["pytest>=8", "scipy>=1.11", "tokenizers>=0.20", "pillow>=10"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "tokenizers>=0.20", "pillow>=10"],
         # Data preparation (python -m twinflow_jax.data.prepare / .captions): text
         # tokenizers (Rust, no torch) and image decoding. The text encoders run in JAX.
         "prep": ["tokenizers>=0.20", "pillow>=10"],

@@ -121,12 +121,19 @@ def decoder_for_data(data_config: Any, *, mesh: jax.sharding.Mesh | None = None,
                      dtype: str = 'float32') -> LatentDecoder | None:
   """The decoder of an 'arrayrecord_*' data config whose records have metadata.
 
-  Returns None when the records carry no metadata.json (pixels or foreign latents).
+  Returns None when the records carry no metadata.json (pixels or foreign latents) or
+  cannot be found here.
   """
   from twinflow_jax.data import sources  # pylint: disable=g-import-not-at-top
   if not str(data_config.source).startswith('arrayrecord') or not data_config.paths:
     return None
-  metadata = latent_metadata.find_metadata(sources.expand_paths(data_config.paths))
+  try:
+    paths = sources.expand_paths(data_config.paths)
+  except (FileNotFoundError, ValueError):
+    # The records are not where the run read them (sampling on another machine): there is
+    # no metadata to read, so nothing to decode with.
+    return None
+  metadata = latent_metadata.find_metadata(paths)
   if metadata is None:
     return None
   return LatentDecoder(load_vae(metadata, vae_dir=vae_dir, dtype=dtype), metadata, mesh)
