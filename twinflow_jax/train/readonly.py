@@ -12,10 +12,14 @@ Only the weights asked for are read (Orbax partial restore of one subtree of the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
+import sys
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -112,6 +116,34 @@ def verify_checkpoint(step_dir: epath.Path) -> None:
                               "incomplete or not a twinflow_jax checkpoint")
 
 
+@contextlib.contextmanager
+def _quiet_background_errors():
+  """Keeps tracebacks of Orbax's background threads off the console after a failed read.
+
+  When a read fails, callbacks still pending in Orbax / TensorStore threads may later hit
+  an already closed event loop and print tracebacks (through the `asyncio` and
+  `concurrent.futures` loggers, the thread hook, sys.unraisablehook or sys.excepthook) under the one-line error that the
+  restore raises anyway. After a failure they stay at debug level for the rest of the
+  process; after a successful read everything is restored.
+  """
+  loggers = [logging.getLogger(n) for n in ("asyncio", "concurrent.futures")]
+  levels = [lg.level for lg in loggers]
+  hooks = threading.excepthook, sys.excepthook, sys.unraisablehook
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL)
+  threading.excepthook = lambda args: logging.debug(
+      "background error after a checkpoint read: %r", args.exc_value)
+  # TensorStore's threads report through sys.unraisablehook (and sys.excepthook).
+  sys.excepthook = lambda kind, value, tb: logging.debug(
+      "background error after a checkpoint read: %r", value)
+  sys.unraisablehook = lambda args: logging.debug(
+      "background error after a checkpoint read: %r", args.exc_value)
+  yield   # not restored when the body raises: the pending callbacks run later
+  for lg, level in zip(loggers, levels):
+    lg.setLevel(level)
+  threading.excepthook, sys.excepthook, sys.unraisablehook = hooks
+
+
 def restore_weights(workdir: str, step: int, key: tuple[str, ...], abstract_params: Any
                     ) -> Any:
   """Reads one set of weights of checkpoint `step`, read-only, onto the given shardings.
@@ -135,7 +167,7 @@ def restore_weights(workdir: str, step: int, key: tuple[str, ...], abstract_para
     item = {k: item}
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   try:
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _quiet_background_errors(), ocp.PyTreeCheckpointer() as ckptr:
       out = ckptr.restore(step_dir / STATE_ITEM, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except
