@@ -3,12 +3,9 @@
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-# Compile-time flags: the suite is dominated by XLA compiling tiny programs that then run
-# a few steps, so LLVM's optimisation is time lost (it halves the compile of a train step).
-# Numerics do not depend on them beyond rounding; subprocesses inherit them.
-for _flag in ("--xla_force_host_platform_device_count=8",
-              "--xla_backend_optimization_level=0",
-              "--xla_llvm_disable_expensive_passes=true"):
+import cpu_env  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+
+for _flag in cpu_env.xla_flags(8).split():
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 

@@ -15,6 +15,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import cpu_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every config file in configs/ (found, so a new one cannot be missed), plus the variants
 # that take an argument (FILE:ARG).
@@ -90,8 +92,7 @@ def test_documented_data_overrides_reach_the_trainer(tmp_path):
   # README / launch scripts: --config.data.paths and --config.data.data_dir used to be a
   # flags parsing error; now they reach the trainer, which names the missing files.
   pattern = str(tmp_path / "in256" / "train-*.array_record")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = cpu_env.subprocess_env(8)
   out = subprocess.run(
       [sys.executable, "-m", "twinflow_jax.main",
        f"--config={ROOT / 'configs/imagenet256_sit_xl2.py'}", f"--workdir={tmp_path / 'w'}",
@@ -106,8 +107,7 @@ def test_documented_data_overrides_reach_the_trainer(tmp_path):
 
 
 def _cli(*args, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env.subprocess_env(1)
   return subprocess.run([sys.executable, "-m", "twinflow_jax.main",
                          f"--workdir={tmp_path / 'w'}", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

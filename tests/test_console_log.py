@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import cpu_env
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,7 +16,7 @@ def test_one_console_line_per_logged_step_and_no_backend_probe(tmp_path):
   # As a user runs it: JAX probes every backend plugin (the libtpu message comes from that
   # probe), one CPU device.
   env.pop("JAX_PLATFORMS", None)
-  env["XLA_FLAGS"] = ""
+  env["XLA_FLAGS"] = cpu_env.xla_flags(None)
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "twinflow_jax.main", "--config", "configs/toy2d.py",
          f"--workdir={workdir}", "--config.model.hidden=32", "--config.model.depth=1",

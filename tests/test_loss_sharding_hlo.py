@@ -25,6 +25,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import hlo_collectives  # noqa: E402  pylint: disable=g-import-not-at-top
 
+import cpu_env
+
 LOCAL = [((8, 1, 1), 8), ((2, 2, 2), 4), ((1, 8, 1), 8)]   # row_blocks = data x fsdp
 OFFICIAL = ((8, 1, 1), 1)
 
@@ -46,10 +48,7 @@ def test_activation_shapes_are_told_from_weights():
 @pytest.fixture(scope="module")
 def compiled_cases():
   cases = [{"mesh": list(m), "row_blocks": g} for m, g in LOCAL + [OFFICIAL]]
-  flags = os.environ.get("XLA_FLAGS", "")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      flags + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  ).strip())
+  env = cpu_env.subprocess_env(8)
   out = subprocess.run([sys.executable, str(HERE / "hlo_collectives.py"), json.dumps(cases)],
                        capture_output=True, text=True, env=env, timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+import cpu_env
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NOTEBOOKS = ("quickstart.ipynb", "twinflow_loss.ipynb")
 
@@ -66,7 +68,7 @@ def test_stored_stripped_plain_python_and_configs_from_files(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _NOTEBOOKS)
 def test_runs_headless_on_cpu_in_quick_mode(name):
-  env = dict(os.environ, TWINFLOW_NOTEBOOK_QUICK="1", XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cpu_env.subprocess_env(None, TWINFLOW_NOTEBOOK_QUICK="1")
   proc = subprocess.run([sys.executable, "-c", _RUNNER, os.path.join("notebooks", name)],
                         cwd=_ROOT, env=env, capture_output=True, text=True, timeout=600,
                         check=False)

@@ -19,6 +19,8 @@ from twinflow_jax import sampling
 from twinflow_jax.train import loop
 from twinflow_jax.train import readonly
 
+import cpu_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -151,8 +153,7 @@ def test_corrupt_latest_checkpoint_is_reported_and_left_alone(run_dir, tmp_path)
   shutil.copytree(run_dir, workdir)
   corrupt_state(workdir, 2)
   before = snapshot(workdir)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cpu_env.subprocess_env(2)
   cmd = [sys.executable, "-m", "twinflow_jax.sample", "--workdir", workdir, "--num", "4",
          "--out", str(tmp_path / "x.npz")]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -20,6 +20,8 @@ import tensorstore as ts
 from twinflow_jax.data import arrayrecord_io
 from twinflow_jax.train import metrics
 
+import cpu_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The toy config shrunk to a few fast steps on one device, checkpoints every 2 steps.
 TOY = ["--config.model.hidden=16", "--config.model.depth=1", "--config.data.toy2d_size=512",
@@ -39,8 +41,7 @@ def cache_dir(tmp_path_factory):
 def run_cli(workdir, *flags, config="configs/toy2d.py", faults=None, cache=None,
             timeout=300):
   """`python -m twinflow_jax.main` on one CPU device; returns the CompletedProcess."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env.subprocess_env(1)
   env.pop("TWINFLOW_FAULTS", None)
   if faults:
     env["TWINFLOW_FAULTS"] = faults

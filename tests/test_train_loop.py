@@ -24,6 +24,8 @@ from twinflow_jax.train import metrics
 from twinflow_jax.train import state as state_lib
 from twinflow_jax.train import step as step_lib
 
+import cpu_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 6
 # Persistent XLA cache shared by the runs below: the many identical train calls compile
@@ -229,7 +231,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
          # A constant LR, so that the resumed run may stop at a nearer step count.
          "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
          "--config.eval.metrics=()"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cpu_env.subprocess_env(2)
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   jsonl = workdir / "metrics.jsonl"

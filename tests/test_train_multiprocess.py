@@ -29,6 +29,8 @@ from twinflow_jax.train import loop
 from twinflow_jax.train import metrics
 from twinflow_jax.train import state as state_lib
 
+import cpu_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ["--config.model.hidden=16", "--config.model.depth=1", "--config.data.toy2d_size=512",
          "--config.train.global_batch_size=16", "--config.optim.schedule=constant",
@@ -73,8 +75,7 @@ def two_processes(workdir, *extra, faults=(None, None), cache=None):
   procs = []
   try:
     for i in range(2):
-      env = dict(os.environ, JAX_PLATFORMS="cpu",
-                 XLA_FLAGS="--xla_force_host_platform_device_count=4")
+      env = cpu_env.subprocess_env(4)
       env.pop("TWINFLOW_FAULTS", None)
       if faults[i]:
         env["TWINFLOW_FAULTS"] = faults[i]
