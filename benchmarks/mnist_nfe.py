@@ -8,7 +8,7 @@ and within-class diversity relative to real digits, in pixels and in classifier 
 The first row is the real-digit floor: 1000 held-out real digits at the run's resolution.
 
   python benchmarks/mnist_nfe.py --workdir /tmp/mnist
-  python benchmarks/mnist_nfe.py --workdir /tmp/mnist --presets 1nfe,small2 --weights ema \
+  python benchmarks/mnist_nfe.py --workdir /tmp/mnist --presets 1nfe,small4 --weights ema \
       --num 1000 --json /tmp/mnist_nfe.json
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-PRESETS = ("1nfe", "2nfe", "4nfe", "any4", "multi30")
+PRESETS = ("1nfe", "2nfe", "4nfe", "any4", "small4", "multi30")
 COLUMNS = (("class_acc", "acc", "{:.3f}"), ("class_acc_min", "worst class", "{:.2f}"),
            ("fid", "FID (clf)", "{:.2f}"), ("div_pixel_rel", "div px", "{:.2f}"),
            ("div_feat_rel", "div feat", "{:.2f}"))

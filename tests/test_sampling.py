@@ -14,6 +14,8 @@ EXPECTED_CALLS = {
     "2nfe": [(0.999, 0.0), (0.6, 0.0)],
     "4nfe": [(0.999, 0.0), (0.8327, 0.0), (0.6663, 0.0), (0.5, 0.0)],
     "any4": [(0.999, 0.8327), (0.8327, 0.6663), (0.6663, 0.5), (0.5, 0.0)],
+    # Not official: this project's preset for small models (docs/sampling.md).
+    "small4": [(0.999, 0.866), (0.866, 0.733), (0.733, 0.6), (0.6, 0.0)],
 }
 
 
@@ -49,7 +51,7 @@ def test_multi30_call_sequence():
   assert grid.shape == (31,) and grid[-1] == 0.0 and np.all(np.diff(grid) < 0)
 
 
-@pytest.mark.parametrize("preset", ["1nfe", "2nfe", "4nfe", "any4", "multi30"])
+@pytest.mark.parametrize("preset", ["1nfe", "2nfe", "4nfe", "any4", "multi30", "small4"])
 def test_exact_for_a_point_mass(preset):
   # For data concentrated at x*, F(x_t, t, r) = (x_t - x*) / t for every r, and every
   # setting of the sampler must return x* exactly, whatever the re-injected noise.

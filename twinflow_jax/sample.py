@@ -1,7 +1,7 @@
 r"""Samples from a training run, read-only: `python -m twinflow_jax.sample --workdir DIR`.
 
   python -m twinflow_jax.sample --workdir /tmp/mnist                  # 100 digits, 1 NFE
-  python -m twinflow_jax.sample --workdir /tmp/mnist --preset small2 --num 1000 \
+  python -m twinflow_jax.sample --workdir /tmp/mnist --preset small4 --num 1000 \
       --labels 3 --weights online --seed 1 --out /tmp/threes.npz
   python -m twinflow_jax.sample --workdir /tmp/t2i --cond-file prompts.npz --preset 4nfe
   python -m twinflow_jax.sample --workdir /runs/flux_lora --cond-file prompts.npz --guidance 3.5
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="'ema' (the TwinFlow EMA, default), 'online' (the trained parameters) or "
                       "'ema_<decay>' (an evaluation EMA of train.eval_ema_decays)")
   p.add_argument("--preset", default="1nfe",
-                 help="sampler preset: 1nfe, 2nfe, 4nfe, any4, multi30 (official) or small2 "
+                 help="sampler preset: 1nfe, 2nfe, 4nfe, any4, multi30 (official) or small4 "
                       "(recommended few-step preset for small models); default 1nfe")
   p.add_argument("--num", type=int, default=None,
                  help="number of samples (default 100; for text runs, the rows of --cond-file)")

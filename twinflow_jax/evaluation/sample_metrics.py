@@ -6,7 +6,7 @@ The trainer (or a notebook) builds the evaluators once for its data and then cal
   evaluators = sample_metrics.make_evaluators(("mnist",), config.data, spec.x_shape)
   labels = sample_metrics.eval_labels(num, spec.num_classes)
   scalars = sample_metrics.evaluate_presets(
-      sample_fn, {"ema": state.ema}, ("1nfe", "small2"), labels, evaluators)
+      sample_fn, {"ema": state.ema}, ("1nfe", "small4"), labels, evaluators)
   # -> {'eval/ema/1nfe/mnist/class_acc': 0.97, ..., 'eval/seconds': 3.1}
 
 `sample_fn(params, preset, labels) -> samples [N, ...]` is typically

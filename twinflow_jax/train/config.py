@@ -26,7 +26,7 @@ from twinflow_jax import losses
 from twinflow_jax.train import step as step_lib
 from twinflow_jax.train.state import eval_ema_name
 
-SAMPLE_PRESETS = ("1nfe", "2nfe", "4nfe", "any4", "multi30")
+SAMPLE_PRESETS = ("1nfe", "2nfe", "4nfe", "any4", "multi30", "small4")
 SAMPLE_FROM = ("ema", "params")
 
 
