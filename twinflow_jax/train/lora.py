@@ -155,10 +155,11 @@ def init_frozen(build: Callable[[nnx.Rngs], nnx.Module], key: jax.Array) -> PyTr
 
 
 def make_apply_fn(graphdef: nnx.GraphDef, time_input: str) -> Callable:
-  """`apply_fn((lora, base), x_t, t, r, cond) -> F` (float32), the losses' convention.
+  """`apply_fn((lora, base), x_t, t, r, cond) -> F`, the losses' convention.
 
   time_input 't_minus_half_r': the network sees the single time t - r / 2 (official
-  TwinFlow_LoRA); 't_r': t and r as in a full fine-tune.
+  TwinFlow_LoRA); 't_r': t and r as in a full fine-tune. F is float32 (float64 from a
+  float64 model, so the loss can be checked against the official code in float64).
   """
   if time_input not in TIME_INPUTS:
     raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
@@ -169,7 +170,8 @@ def make_apply_fn(graphdef: nnx.GraphDef, time_input: str) -> Callable:
     if time_input == "t_minus_half_r":
       t = t - r / 2
       r = t
-    return model(x_t, t, r, cond).astype(jnp.float32)
+    out = model(x_t, t, r, cond)
+    return out.astype(jnp.promote_types(out.dtype, jnp.float32))
 
   return apply_fn
 
