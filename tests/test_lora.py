@@ -2,6 +2,7 @@
 official TwinFlow_LoRA loss (teacher and time input) pinned against a direct restatement.
 """
 
+import importlib.util
 import json
 import os
 
@@ -16,6 +17,7 @@ from twinflow_jax.models import lora
 from twinflow_jax.models.convert import diffusers as dlib
 from twinflow_jax.models.layers import Dense
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 SD35M = os.path.join(FIXTURES, 'sd35_medium')   # dual attention (attn2), bf16
 SD3M = os.path.join(FIXTURES, 'sd3_medium')     # float32
@@ -114,47 +116,69 @@ def official_lora_net(d, meta):
   return model
 
 
+def shipped_config(name, variant):
+  """configs/<name>'s get_config(variant) (test_lora_configs.load_config, without its
+  heavy imports)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
 def adapter_tree(d, prefix, targets):
   """{'fc0': {'lora_a': A.T, 'lora_b': B.T}, ...} from the fixture's PEFT layout."""
   return {n: {'lora_a': jnp.asarray(d[f'{prefix}/{n}.lora_A'].T),
               'lora_b': jnp.asarray(d[f'{prefix}/{n}.lora_B'].T)} for n in targets}
 
 
-@pytest.mark.parametrize('case', ['q1', 's2', 'b7', 'b6', 'n0'])
+# test case -> the fixture runs it holds as row blocks (b10a, b10b: two GPUs of one step).
+LORA_CASES = {'q1': ('q1',), 's2': ('s2',), 'b7': ('b7',), 'b6': ('b6',), 'n0': ('n0',),
+              'b10x2': ('b10a', 'b10b')}
+
+
+@pytest.mark.parametrize('case', list(LORA_CASES))
 def test_lora_loss_matches_official_twinflow_lora(case):
   """The trainer's LoRA loss path = official TwinFlow_LoRA.training_step, float64.
 
   Cases (tools/make_twinflow_lora_fixture.py): q1 = qwenimage_lora_1order.yaml (teacher:
   the base with adapters disabled, RCGM chain online, N = 1, enr = 4); s2 =
   sd35_lora_2order.yaml (teacher: the 'old' adapter after its EMA update, second step);
-  b7 = B 7, emd 0 (the online model teaches); b6 = B 6 (half-to-even groups, no adv rows),
-  first EMA step, enr 0; n0 = N 0. Every network call sees the single time t - r / 2.
-  Run through what the trainer runs: the shipped LoRA config's loss section
-  (config.tf_config), LoRADense adapters split into (adapters, base), make_apply_fn of
-  config.lora.time_input, teacher_update on the adapters, twinflow_loss.
+  b7 = B 7 (adv cut to 1 row), emd 0 (the online model teaches); b6 = B 6 (half-to-even
+  groups, no adv rows), first EMA step, enr 0; n0 = N 0; b10x2 = two official B = 10 runs
+  (groups 2|2|2|2 and 'one' 2|, third EMA step) as row_blocks = 2, i.e. a 2-GPU step.
+  Every network call sees the single time t - r / 2. Run through what the trainer runs:
+  the shipped LoRA config's loss section (config.tf_config), LoRADense adapters split
+  into (adapters, base), make_apply_fn of config.lora.time_input, teacher_update on the
+  adapters, twinflow_loss with the base as a constant.
   """
-  import test_lora_configs as cfgs  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
   d = np.load(LORA_REF)
   meta = json.loads(str(d['config']))
-  cm = meta['cases'][case]
+  runs = LORA_CASES[case]
+  cm = meta['cases'][runs[0]]
+  assert all(meta['cases'][run] == cm for run in runs)
   emd = cm['ema_decay_rate']
-  c = cfgs.load_config('qwen_image_twinflow_lora.py', '1order' if emd == 1.0 else '2order')
+  c = shipped_config('qwen_image_twinflow_lora.py', '1order' if emd == 1.0 else '2order')
   settings = lambda: (c.loss.estimate_order, c.loss.enhanced_ratio, c.loss.ema_decay)
   want = (cm['estimate_order'], cm['enhanced_ratio'], emd)
   if case in ('q1', 's2'):   # the official yaml settings: the shipped configs hold them
     assert settings() == want
   c.loss.estimate_order, c.loss.enhanced_ratio, c.loss.ema_decay = want
-  c.loss.row_blocks = 1
+  c.loss.row_blocks = len(runs)
   common = meta['common']
   assert (c.loss.consistency_ratio, c.loss.rect_coef, c.loss.metric, c.loss.barron_alpha,
-          list(c.loss.enhanced_range), list(c.loss.time_dist), c.lora.time_input) == (
+          list(c.loss.enhanced_range), list(c.loss.time_dist), c.loss.one_group,
+          c.lora.time_input) == (
               common['consistc_ratio'], common['dist_match_cof'], 'barron',
               common['loss_func_type']['alpha'], common['enhanced_range'],
-              common['time_dist_ctrl'], 't_minus_half_r')
+              common['time_dist_ctrl'], True, 't_minus_half_r')
   tf_config = config_lib.tf_config(c)
-  r = lambda k: jnp.asarray(d[f'{case}/{k}'])
+  cat = lambda k: jnp.asarray(np.concatenate([d[f'{run}/{k}'] for run in runs]))
+  mean = lambda k: np.mean([d[f'{run}/{k}'] for run in runs], axis=0)   # DDP: the mean
+  b = len(cat('labels'))
+  _, _, sizes = losses.block_layout(b, tf_config)   # the official masks, 'one' included
+  assert sizes + (b // len(runs) - sum(sizes),) == tuple(d[f'{runs[0]}/sizes']), sizes
   with jax.enable_x64(True):
     model = official_lora_net(d, meta)
     graphdef, adapters, base = nnx.split(model, lora.TRAINABLE, lora.FROZEN)
@@ -167,39 +191,40 @@ def test_lora_loss_matches_official_twinflow_lora(case):
       ema = jax.tree.map(jnp.zeros_like, online)
     else:
       ema = adapter_tree(d, 'old', meta['targets'])
-    teacher, new_cmd = losses.teacher_update(ema, online, float(d[f'{case}/cmd_before']), emd)
-    np.testing.assert_allclose(float(new_cmd), float(d[f'{case}/cmd_after']), rtol=1e-15)
+    teacher, new_cmd = losses.teacher_update(ema, online, float(d[f'{runs[0]}/cmd_before']),
+                                             emd)
+    np.testing.assert_allclose(float(new_cmd), float(d[f'{runs[0]}/cmd_after']), rtol=1e-15)
     if 0 < emd < 1:   # official update_ema_lora on the 'old' adapter
-      want = adapter_tree(d, f'{case}/old_after', meta['targets'])
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-15),
-                   teacher, want)
-    draws = losses.TwinFlowDraws(t=r('draw/t0'), u_any=r('draw/u_tt'), u_mul=r('draw/u_tmin'),
-                                 z_fake=r('draw/z_adv'), z=r('draw/z'), z_rect=r('draw/z_dm'),
-                                 s_rect=r('draw/t_dm'))
-
+      for run in runs:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-15),
+                     teacher, adapter_tree(d, f'{run}/old_after', meta['targets']))
+    draws = losses.TwinFlowDraws(
+        t=cat('draw/t0'), u_any=cat('draw/u_tt'), u_mul=cat('draw/u_tmin'),
+        z_fake=cat('draw/z_adv'), z=cat('draw/z'), z_rect=cat('draw/z_dm'),
+        s_rect=cat('draw/t_dm'))
     apply_fn = lora_train.make_apply_fn(graphdef, c.lora.time_input)
 
     def loss_fn(p, teacher_p):   # as train.step: the base is a constant of the step
       apply = lambda q, *args: apply_fn((q, base), *args)
-      return losses.twinflow_loss(apply, p, teacher_p, r('x'), r('labels'),
-                                  r('uncond_labels'), draws, tf_config)[0]
+      return losses.twinflow_loss(apply, p, teacher_p, cat('x'), cat('labels'),
+                                  cat('uncond_labels'), draws, tf_config)[0]
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     loss, grads = step(online, teacher)
     assert loss.dtype == jnp.float64
-    ref = float(d[f'{case}/loss'])
+    ref = float(mean('loss'))
     assert abs(float(loss) - ref) <= 1e-10 * abs(ref), (float(loss), ref)
     for name in meta['targets']:
       for ours, theirs in (('lora_a', 'lora_A'), ('lora_b', 'lora_B')):
-        want = d[f'{case}/grad/{name}.{theirs}'].T
+        want = mean(f'grad/{name}.{theirs}').T
         got = np.asarray(grads[name][ours])
         assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), (name, ours)
     # The fixture tells the teachers apart: the official loss with the online model as
     # teacher (mod_original / mod_ema replaced) is ours with the online adapters as teacher.
-    wrong = float(d[f'{case}/loss_online_teacher'])
+    wrong = float(mean('loss_online_teacher'))
     got_wrong, _ = step(online, online)
     assert abs(float(got_wrong) - wrong) <= 1e-10 * abs(wrong)
-    if case in ('q1', 's2', 'n0'):
+    if case in ('q1', 's2', 'n0', 'b10x2'):
       assert abs(wrong - ref) > 1e-3 * abs(ref)
 
 

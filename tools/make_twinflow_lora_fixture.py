@@ -39,6 +39,7 @@ port can replay it. Saved arrays (torch layout: weights [out, in]):
   <case>/grad/fc{0,2}.lora_{A,B}            d loss / d online adapter
   <case>/old_after/fc{0,2}.lora_{A,B}       adapter 'old' after the step's EMA update
   <case>/cmd_before, <case>/cmd_after       the official warm-up decay before / after
+  <case>/sizes                              official group sizes e2e, mul, any, adv, one
   <case>/loss_online_teacher                the loss with the online model as teacher
                                             (shows the fixture tells the teachers apart)
   config                                    JSON: model sizes, cases and their settings,
@@ -75,6 +76,11 @@ CASES = {
     "b6": (6, dict(estimate_order=1, enhanced_ratio=0.0, ema_decay_rate=0.99), 0.0),
     # N = 0: the loss of the mul and adv rows only; the base teacher shows unclipped.
     "n0": (8, dict(estimate_order=0, enhanced_ratio=4.0, ema_decay_rate=1.0), 0.0),
+    # B = 10: round(2.5) = 2, so the fifth group 'one' (r = 0) gets the last 2 rows:
+    # 2|2|2|2|2. Two runs with the same weights and EMA state but their own data and draws,
+    # i.e. two GPUs of a DDP step (whose gradient is the mean): a port's row_blocks = 2.
+    "b10a": (10, dict(estimate_order=2, enhanced_ratio=0.8, ema_decay_rate=0.99), 0.62),
+    "b10b": (10, dict(estimate_order=2, enhanced_ratio=0.8, ema_decay_rate=0.99), 0.62),
 }
 COMMON = dict(consistc_ratio=1.0, enhanced_range=[0.0, 1.0], time_dist_ctrl=[1.0, 1.0, 1.0],
               loss_func_type={"type": "barron_reweighting", "alpha": 1.0},
@@ -260,9 +266,9 @@ def run_case(tfl, w, b, kwargs, cmd, seed, online_teacher=False):
   assert loss.dtype == torch.float64
   for n, p in peft_model.named_parameters():   # only the 'default' factors get gradients
     assert (p.grad is not None) == ("default" in n and "lora" in n), n
-  n_e2e, _, _, n_adv, n_one = official_sizes(b)
-  assert n_one == 0, "the 'one' group is not exercised by these cases"
+  n_e2e, _, _, n_adv, _ = official_sizes(b)
   out = {"x": x, "labels": labels, "uncond_labels": uncond, "loss": loss.item(),
+         "sizes": np.asarray(official_sizes(b)),
          "cmd_before": cmd, "cmd_after": float(method.cmd)}
   for k, v in name_draws(log, n_adv, n_e2e).items():
     out[f"draw/{k}"] = v

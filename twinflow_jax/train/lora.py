@@ -85,15 +85,6 @@ def validate(config: Any) -> None:
     raise errors.ConfigError("config.train.init_from must name the base weights (a "
                              "diffusers transformer folder) of a LoRA run (config.lora.rank "
                              f"= {c.rank})")
-  # The official LoRA loss splits the batch into e2e|mul|any|adv|one with proportions
-  # (1, 1, 1, 1, 0); for a multiple of 4 rows per block 'one' gets no rows and the split
-  # is the one of losses.group_sizes. Other sizes would give it rows (not implemented).
-  rows = config.train.global_batch_size // max(int(config.loss.row_blocks), 1)
-  if rows % 4:
-    raise errors.ConfigError(
-        f"config.train.global_batch_size / config.loss.row_blocks = {rows} rows per block "
-        "must be a multiple of 4 for LoRA: the official LoRA loss then has the same row "
-        "groups as the full one (its extra 'one' group is empty)")
 
 
 def model_fn(config: Any) -> Callable[[nnx.Rngs], nnx.Module]:
