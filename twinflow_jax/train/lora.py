@@ -20,9 +20,12 @@ Enabled by `config.lora.rank > 0` (see `train.config.base_config`). The model of
   * `lora.time_input = 't_minus_half_r'` calls the network as the official
     `TwinFlow_LoRA.forward` does: one time `t - r / 2` (`model(x_t, t=q - tt / 2)`), no
     target-time input (the official LoRA configs set `aux_time_embed: false`). It is
-    passed as both times, so an r-embedder, if the model has one, adds exactly zero.
+    passed as both times, so an r-embedder, if the model has one, adds exactly zero;
+  * the official LoRA row groups e2e|mul|any|adv|one are `loss.one_group = True` (set by
+    the LoRA configs; see losses.TwinFlowConfig.one_group).
 
-See docs/pretrained-models.md ("LoRA") for the comparison with full fine-tuning.
+See docs/pretrained-models.md ("LoRA") for the comparison with full fine-tuning;
+tests/test_lora.py matches this path to the official `twinflow_lora.py` in float64.
 """
 
 from __future__ import annotations
