@@ -47,9 +47,11 @@ port can replay it. Saved arrays (torch layout: weights [out, in]):
 """
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -129,6 +131,7 @@ def official_module(mirror):
   commit = subprocess.check_output(["git", "-C", mirror, "rev-parse", "HEAD"],
                                    text=True).strip()
   tmp = tempfile.mkdtemp(prefix="twinflow_official_")
+  atexit.register(shutil.rmtree, tmp, ignore_errors=True)
   tar_path = os.path.join(tmp, "src.tar")
   subprocess.check_call(["git", "-C", mirror, "archive", "-o", tar_path, "HEAD", "src"])
   with tarfile.open(tar_path) as tar:
