@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -88,9 +89,8 @@ class TinyNet(nnx.Module):
   One time input, as the official LoRA runs (aux_time_embed false): r is not used.
   """
 
-  def __init__(self, d, k, h, *, rngs):
-    dense = lambda i, o: Dense(i, o, (None, None), dtype=jnp.float64, param_dtype=jnp.float64,
-                               rngs=rngs)
+  def __init__(self, d, k, h, *, dtype, rngs):
+    dense = lambda i, o: Dense(i, o, (None, None), dtype=dtype, param_dtype=dtype, rngs=rngs)
     self.k = k
     self.fc0, self.fc1, self.fc2 = dense(d + 1 + k, h), dense(h, h), dense(h, d)
 
@@ -101,18 +101,18 @@ class TinyNet(nnx.Module):
     return self.fc2(jax.nn.silu(self.fc1(jax.nn.silu(self.fc0(h)))))
 
 
-def official_lora_net(d, meta):
-  """TinyNet with the fixture's base weights and 'default' adapter (call under x64)."""
+def official_lora_net(d, meta, dtype=jnp.float64):
+  """TinyNet with the fixture's base weights and fresh adapters (float64: under x64)."""
   with nnx.use_eager_sharding(False):   # no mesh: unsharded, as models.create_model
-    model = TinyNet(meta['D'], meta['K'], meta['H'], rngs=nnx.Rngs(0))
+    model = TinyNet(meta['D'], meta['K'], meta['H'], dtype=dtype, rngs=nnx.Rngs(0))
     for name in meta['targets']:
       setattr(model, name, lora.LoRADense(getattr(model, name), meta['rank'], meta['alpha'],
                                           rngs=nnx.Rngs(1)))
   for name in ('fc0', 'fc1', 'fc2'):   # torch Linear: weight [out, in]
     layer = getattr(model, name)
     layer = getattr(layer, 'base_module', layer)
-    layer.kernel.set_value(jnp.asarray(d[f'base/{name}.weight'].T))
-    layer.bias.set_value(jnp.asarray(d[f'base/{name}.bias']))
+    layer.kernel.set_value(jnp.asarray(d[f'base/{name}.weight'].T, dtype))
+    layer.bias.set_value(jnp.asarray(d[f'base/{name}.bias'], dtype))
   return model
 
 
@@ -125,10 +125,10 @@ def shipped_config(name, variant):
   return module.get_config(variant)
 
 
-def adapter_tree(d, prefix, targets):
+def adapter_tree(d, prefix, targets, dtype=None):
   """{'fc0': {'lora_a': A.T, 'lora_b': B.T}, ...} from the fixture's PEFT layout."""
-  return {n: {'lora_a': jnp.asarray(d[f'{prefix}/{n}.lora_A'].T),
-              'lora_b': jnp.asarray(d[f'{prefix}/{n}.lora_B'].T)} for n in targets}
+  return {n: {'lora_a': jnp.asarray(d[f'{prefix}/{n}.lora_A'].T, dtype),
+              'lora_b': jnp.asarray(d[f'{prefix}/{n}.lora_B'].T, dtype)} for n in targets}
 
 
 # test case -> the fixture runs it holds as row blocks (b10a, b10b: two GPUs of one step).
@@ -226,6 +226,51 @@ def test_lora_loss_matches_official_twinflow_lora(case):
     assert abs(float(got_wrong) - wrong) <= 1e-10 * abs(wrong)
     if case in ('q1', 's2', 'n0', 'b10x2'):
       assert abs(wrong - ref) > 1e-3 * abs(ref)
+
+
+def test_lora_train_step_runs_the_official_loss(monkeypatch):
+  """The trainer's step on the fixture's q1 (qwenimage_lora_1order: the base teaches), float32.
+
+  `make_train_step` as the loop builds it for LoRA (adapters in the TrainState of
+  `init_state`, whose EMA slot starts at zero factors = the base, the base as the step's
+  third argument, conditions from the labels with train.uncond 'null' = the fixture's e),
+  with the recorded draws in place of `sample_draws`: the official loss and gradients to
+  float32 precision, and the frozen-base teacher stays the base.
+  """
+  from twinflow_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  d = np.load(LORA_REF)
+  meta = json.loads(str(d['config']))
+  c = shipped_config('qwen_image_twinflow_lora.py', '1order')
+  c.loss.row_blocks = 1
+  tf_config = config_lib.tf_config(c)
+  f32 = lambda k: jnp.asarray(d[f'q1/{k}'], jnp.float32)
+  build = lambda rngs: official_lora_net(d, meta, jnp.float32)
+  graphdef, _, base = nnx.split(build(None), lora.TRAINABLE, lora.FROZEN)
+  tx = optax.sgd(1.0)   # new params = params - grads
+  state = lora_train.init_state(build, tx, jax.random.key(0))
+  assert all(not np.any(a) for a in jax.tree.leaves(state.ema))
+  online = adapter_tree(d, 'default', meta['targets'], jnp.float32)
+  state = state.replace(params=online)
+  draws = losses.TwinFlowDraws(
+      t=f32('draw/t0'), u_any=f32('draw/u_tt'), u_mul=f32('draw/u_tmin'),
+      z_fake=f32('draw/z_adv'), z=f32('draw/z'), z_rect=f32('draw/z_dm'), s_rect=f32('draw/t_dm'))
+  monkeypatch.setattr(step_lib.losses, 'sample_draws', lambda *args, **kwargs: draws)
+  train_step = step_lib.make_train_step(
+      lora_train.make_apply_fn(graphdef, c.lora.time_input), tf_config, tx,
+      optax.constant_schedule(1.0), num_classes=meta['K'] - 1, uncond='null')
+  batch = {'x': f32('x'), 'label': jnp.asarray(d['q1/labels'], jnp.int32)}
+  assert np.all(d['q1/uncond_labels'] == meta['K'] - 1)   # the null class
+  new_state, metrics = jax.jit(train_step)(state, batch, nnx.to_pure_dict(base))
+  assert int(metrics['skip_reason']) == 0
+  np.testing.assert_allclose(float(metrics['loss']), float(d['q1/loss']), rtol=1e-5)
+  for name in meta['targets']:
+    for ours, theirs in (('lora_a', 'lora_A'), ('lora_b', 'lora_B')):
+      want = d[f'q1/grad/{name}.{theirs}'].T
+      got = np.asarray(online[name][ours] - new_state.params[name][ours])
+      assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (name, ours)
+  assert all(not np.any(a) for a in jax.tree.leaves(new_state.ema))   # still the base
 
 
 def test_frozen_base_is_sharded_like_the_full_model_and_holds_no_optimizer_state(tmp_path):

@@ -21,9 +21,9 @@ Needs torch and peft (only this script; the tests read the npz):
   /work/venv-tools/bin/python tools/make_twinflow_lora_fixture.py \
       [--mirror /work/.mirror/inclusionAI+TwinFlow/repo] [--out tests/fixtures/...npz]
 
-The network: `h = concat([x_t (B, D), time (B, 1), one_hot(c, K) (B, K)])` -> fc0 (D+1+K
--> H) -> SiLU -> fc1 (H -> H) -> SiLU -> fc2 (H -> D); one time input (the official LoRA
-configs set `aux_time_embed: false`). LoRA (rank R, alpha A, PEFT 'gaussian' init, then
+The network (K = 3 classes + a null class): `h = concat([x_t (B, D), time (B, 1),
+one_hot(c, K) (B, K)])` -> fc0 (D+1+K -> H) -> SiLU -> fc1 (H -> H) -> SiLU -> fc2 (H -> D);
+one time input (the official LoRA configs set `aux_time_embed: false`). LoRA (rank R, alpha A, PEFT 'gaussian' init, then
 random non-zero factors) on fc0 and fc2; fc1 stays a frozen base layer. The torch
 `torch.cuda.get_rng_state` / `set_rng_state` calls of the official code (they re-seed
 dropout between teacher calls; the MLP has none) are no-ops on CPU.
@@ -33,7 +33,7 @@ port can replay it. Saved arrays (torch layout: weights [out, in]):
   base/fc{0,1,2}.{weight,bias}              the frozen base
   default/fc{0,2}.lora_{A,B}                the online adapter (the only trainable params)
   old/fc{0,2}.lora_{A,B}                    adapter 'old' before the step (the EMA teacher)
-  <case>/x, <case>/labels, <case>/uncond_labels   data [B, D], c [B], e [B]
+  <case>/x, <case>/labels, <case>/uncond_labels   data [B, D], c [B] in 0..K-2, e [B] = K-1
   <case>/draw/{t0,u_tt,u_tmin,z_adv,z,z_dm,t_dm}  the draws (shapes as twinflow_ref_*.npz)
   <case>/loss                               the official loss
   <case>/grad/fc{0,2}.lora_{A,B}            d loss / d online adapter
@@ -62,7 +62,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-D, K, H = 6, 3, 16          # features, classes, hidden width
+D, K, H = 6, 4, 16          # features, one-hot width (3 classes + the null class 3), hidden
 RANK, ALPHA = 4, 8.0        # PEFT scale alpha / rank = 2
 TARGETS = ["fc0", "fc2"]
 # name: batch, official method kwargs, warm-up decay cmd before the step.
@@ -257,8 +257,8 @@ def run_case(tfl, w, b, kwargs, cmd, seed, online_teacher=False):
     method.mod_original = method.mod_ema = lambda *a, **k: method.model(*a, **k)
   rng = np.random.default_rng(seed)
   x = rng.normal(0, 0.5, (b, D))
-  labels = rng.integers(0, K, (b,))
-  uncond = (labels + rng.integers(1, K, (b,))) % K
+  labels = rng.integers(0, K - 1, (b,))
+  uncond = np.full((b,), K - 1)   # e = the null class (the trainer's train.uncond='null')
   torch.manual_seed(seed)
   log = []
   with recorded_draws(method, log):
