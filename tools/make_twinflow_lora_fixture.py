@@ -23,8 +23,9 @@ Needs torch and peft (only this script; the tests read the npz):
 
 The network (K = 3 classes + a null class): `h = concat([x_t (B, D), time (B, 1),
 one_hot(c, K) (B, K)])` -> fc0 (D+1+K -> H) -> SiLU -> fc1 (H -> H) -> SiLU -> fc2 (H -> D);
-one time input (the official LoRA configs set `aux_time_embed: false`). LoRA (rank R, alpha A, PEFT 'gaussian' init, then
-random non-zero factors) on fc0 and fc2; fc1 stays a frozen base layer. The torch
+one time input (the official LoRA configs set `aux_time_embed: false`). LoRA (rank R,
+alpha A, PEFT 'gaussian' init, then random non-zero factors) on fc0 and fc2; fc1 stays a
+frozen base layer. The torch
 `torch.cuda.get_rng_state` / `set_rng_state` calls of the official code (they re-seed
 dropout between teacher calls; the MLP has none) are no-ops on CPU.
 
