@@ -73,6 +73,7 @@ def get_config(variant: str | None = None):
   c.loss.estimate_order = 1 if first else 2
   c.loss.ema_decay = 1.0 if first else 0.99
   c.loss.row_blocks = NUM_GPUS
+  c.loss.one_group = True   # twinflow_lora.py row groups e2e|mul|any|adv|one
 
   c.optim.name = "adamw"
   c.optim.lr = 1e-4

@@ -83,6 +83,7 @@ def get_config(variant: str | None = None):
   c.loss.estimate_order = 1 if variant == "lora_1order" else 2   # estimate_order
   c.loss.ema_decay = 0.0 if variant == "lora_1order" else 0.99   # ema_decay_rate
   c.loss.row_blocks = NUM_GPUS                  # one official sub-batch per GPU
+  c.loss.one_group = lora                       # twinflow_lora.py: groups e2e|mul|any|adv|one
 
   # train:
   c.optim.name = "adamw"

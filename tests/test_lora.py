@@ -2,20 +2,23 @@
 official TwinFlow_LoRA loss (teacher and time input) pinned against a direct restatement.
 """
 
+import importlib.util
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from twinflow_jax import losses
 from twinflow_jax.models import lora
 from twinflow_jax.models.convert import diffusers as dlib
-from twinflow_jax.models.convert.safetensors_io import SafetensorsFolder
-from twinflow_jax.train import step as step_lib
+from twinflow_jax.models.layers import Dense
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 SD35M = os.path.join(FIXTURES, 'sd35_medium')   # dual attention (attn2), bf16
 SD3M = os.path.join(FIXTURES, 'sd3_medium')     # float32
@@ -73,72 +76,201 @@ def test_targets_follow_peft_names_and_merge_exports(tmp_path):
               lora.LoRASpec(2, 2.0, ('attn.to_q', 'attn.nope')), nnx.Rngs(0))
 
 
-def test_official_lora_loss_teacher_and_time_input(tmp_path):
-  """The trainer's LoRA step = the official TwinFlow_LoRA loss, restated directly.
+# ----------------------------------------------------------------------------- official loss
+# tests/fixtures/twinflow_lora_ref.npz (tools/make_twinflow_lora_fixture.py): the official
+# TwinFlow_LoRA.training_step, float64, on a tiny MLP with PEFT adapters wrapped as the
+# official LoRA trainers wrap their transformer, every draw recorded.
+LORA_REF = os.path.join(FIXTURES, 'twinflow_lora_ref.npz')
 
-  Official `twinflow_lora.py` with ema_decay_rate 1 (qwenimage_lora_1order.yaml): the
-  teacher of the enhanced target is the base model with its adapters disabled
-  (`mod_original`), the RCGM chain runs on the online (adapted) model, and every network
-  call gets the single time t - r / 2 (`model(x_t, t=q - tt / 2)`, no target time). The
-  restatement calls an unwrapped base model for the teacher; swapping in the online model
-  as teacher, or passing (t, r), changes the loss, so the test pins both choices.
+
+class TinyNet(nnx.Module):
+  """The fixture's network: concat(x_t, time, one_hot(c)) -> fc0 -> SiLU -> fc1 -> SiLU -> fc2.
+
+  One time input, as the official LoRA runs (aux_time_embed false): r is not used.
   """
-  import test_lora_configs as cfgs  # pylint: disable=g-import-not-at-top
-  from twinflow_jax.train import loop  # pylint: disable=g-import-not-at-top
-  c = cfgs.tiny(cfgs.load_config('flux_twinflow_lora.py', '1order'),
-                os.path.join(FIXTURES, 'flux_schnell_tiny'), tmp_path, (4, 6, 4), 12)
-  c.train.global_batch_size = 4
-  c.mesh.data = 1
-  assert (c.loss.ema_decay, c.loss.estimate_order, c.loss.enhanced_ratio) == (1.0, 1, 4.0)
-  # With N >= 1 the RCGM target replaces the enhanced one after a clip to [-1, 1], which
-  # an untrained model saturates, hiding the teacher; N = 0 keeps the enhanced target in
-  # the loss (the mul rows), so the teacher shows.
-  c.loss.estimate_order = 0
-  devices = jax.devices()[:1]
-  setup = loop.build(c, devices)
-  state = loop.init_state(setup, 0)
-  frozen = loop.load_frozen_base(setup, c.train.init_from)
-  # Adapters that change the model (fresh B = 0 would make online = teacher = base).
-  state = state.replace(params=jax.tree_util.tree_map_with_path(
-      lambda p, a: 0.3 * jax.random.normal(jax.random.key(len(str(p))), a.shape)
-      if 'lora_b' in str(p) else a, state.params))
-  rng = np.random.default_rng(0)
-  batch = {'x': jnp.asarray(rng.standard_normal((4, 4, 6, 4)), jnp.float32),
-           'txt': jnp.asarray(rng.standard_normal((4, 5, 24)), jnp.float32),
-           'txt_mask': jnp.ones((4, 5), bool),
-           'pooled': jnp.asarray(rng.standard_normal((4, 12)), jnp.float32)}
-  _, metrics = jax.jit(setup.train_step)(state, batch, frozen)
 
-  # Direct restatement: the same draws and conditions as the step.
-  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  k_draws, k_cond = jax.random.split(key)
-  cond, e = step_lib.make_conditions(batch, k_cond, num_classes=0, uncond='zeros')
-  tf_config = loop.config_lib.tf_config(c)
-  draws = losses.sample_draws(k_draws, batch['x'].shape, tf_config)
-  base = dlib.load_model(c.train.init_from, {'r_embedder': False})
-  online = nnx.merge(setup.graphdef, state.params, frozen)
+  def __init__(self, d, k, h, *, dtype, rngs):
+    dense = lambda i, o: Dense(i, o, (None, None), dtype=dtype, param_dtype=dtype, rngs=rngs)
+    self.k = k
+    self.fc0, self.fc1, self.fc2 = dense(d + 1 + k, h), dense(h, h), dense(h, d)
 
-  def restated(teacher_is_base, single_time):
-    # One compile for the three variants: the flags are traced and select outputs.
-    def apply_fn(p, x_t, t, r, cond):
-      t_in = jnp.where(single_time, t - r / 2, t)   # official: model(x_t, t=t - tt / 2)
-      r_in = jnp.where(single_time, t - r / 2, r)   # (no target time: aux_time_embed off)
-      out = online(x_t, t_in, r_in, cond)
-      if 'teacher' in p:
-        out = jnp.where(teacher_is_base, base(x_t, t_in, r_in, cond), out)
-      return out
-    loss, _ = losses.twinflow_loss(apply_fn, {'online': 0.0}, {'teacher': 0.0}, batch['x'],
-                                   cond, e, draws, tf_config)
-    return loss
+  def __call__(self, x_t, t, r, c):
+    del r
+    h = jnp.concatenate([x_t, t[:, None].astype(x_t.dtype),
+                         jax.nn.one_hot(c, self.k, dtype=x_t.dtype)], axis=-1)
+    return self.fc2(jax.nn.silu(self.fc1(jax.nn.silu(self.fc0(h)))))
 
-  restated = jax.jit(restated)
-  got = float(metrics['loss'])
-  official = float(restated(True, True))
-  assert got == pytest.approx(official, rel=1e-5, abs=1e-6)
-  online_teacher = float(restated(False, True))   # the EMA / online model as teacher
-  two_times = float(restated(True, False))        # (t, r) as in the full fine-tune
-  assert abs(online_teacher - official) > 1e-3 * abs(official)
-  assert abs(two_times - official) > 1e-3 * abs(official)
+
+def official_lora_net(d, meta, dtype=jnp.float64):
+  """TinyNet with the fixture's base weights and fresh adapters (float64: under x64)."""
+  with nnx.use_eager_sharding(False):   # no mesh: unsharded, as models.create_model
+    model = TinyNet(meta['D'], meta['K'], meta['H'], dtype=dtype, rngs=nnx.Rngs(0))
+    for name in meta['targets']:
+      setattr(model, name, lora.LoRADense(getattr(model, name), meta['rank'], meta['alpha'],
+                                          rngs=nnx.Rngs(1)))
+  for name in ('fc0', 'fc1', 'fc2'):   # torch Linear: weight [out, in]
+    layer = getattr(model, name)
+    layer = getattr(layer, 'base_module', layer)
+    layer.kernel.set_value(jnp.asarray(d[f'base/{name}.weight'].T, dtype))
+    layer.bias.set_value(jnp.asarray(d[f'base/{name}.bias'], dtype))
+  return model
+
+
+def shipped_config(name, variant):
+  """configs/<name>'s get_config(variant) (test_lora_configs.load_config, without its
+  heavy imports)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def adapter_tree(d, prefix, targets, dtype=None):
+  """{'fc0': {'lora_a': A.T, 'lora_b': B.T}, ...} from the fixture's PEFT layout."""
+  return {n: {'lora_a': jnp.asarray(d[f'{prefix}/{n}.lora_A'].T, dtype),
+              'lora_b': jnp.asarray(d[f'{prefix}/{n}.lora_B'].T, dtype)} for n in targets}
+
+
+# test case -> the fixture runs it holds as row blocks (b10a, b10b: two GPUs of one step).
+LORA_CASES = {'q1': ('q1',), 's2': ('s2',), 'b7': ('b7',), 'b6': ('b6',), 'n0': ('n0',),
+              'b10x2': ('b10a', 'b10b')}
+
+
+@pytest.mark.parametrize('case', list(LORA_CASES))
+def test_lora_loss_matches_official_twinflow_lora(case):
+  """The trainer's LoRA loss path = official TwinFlow_LoRA.training_step, float64.
+
+  Cases (tools/make_twinflow_lora_fixture.py): q1 = qwenimage_lora_1order.yaml (teacher:
+  the base with adapters disabled, RCGM chain online, N = 1, enr = 4); s2 =
+  sd35_lora_2order.yaml (teacher: the 'old' adapter after its EMA update, second step);
+  b7 = B 7 (adv cut to 1 row), emd 0 (the online model teaches); b6 = B 6 (half-to-even
+  groups, no adv rows), first EMA step, enr 0; n0 = N 0; b10x2 = two official B = 10 runs
+  (groups 2|2|2|2 and 'one' 2|, third EMA step) as row_blocks = 2, i.e. a 2-GPU step.
+  Every network call sees the single time t - r / 2. Run through what the trainer runs:
+  the shipped LoRA config's loss section (config.tf_config), LoRADense adapters split
+  into (adapters, base), make_apply_fn of config.lora.time_input, teacher_update on the
+  adapters, twinflow_loss with the base as a constant.
+  """
+  from twinflow_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
+  d = np.load(LORA_REF)
+  meta = json.loads(str(d['config']))
+  runs = LORA_CASES[case]
+  cm = meta['cases'][runs[0]]
+  assert all(meta['cases'][run] == cm for run in runs)
+  emd = cm['ema_decay_rate']
+  c = shipped_config('qwen_image_twinflow_lora.py', '1order' if emd == 1.0 else '2order')
+  settings = lambda: (c.loss.estimate_order, c.loss.enhanced_ratio, c.loss.ema_decay)
+  want = (cm['estimate_order'], cm['enhanced_ratio'], emd)
+  if case in ('q1', 's2'):   # the official yaml settings: the shipped configs hold them
+    assert settings() == want
+  c.loss.estimate_order, c.loss.enhanced_ratio, c.loss.ema_decay = want
+  c.loss.row_blocks = len(runs)
+  common = meta['common']
+  assert (c.loss.consistency_ratio, c.loss.rect_coef, c.loss.metric, c.loss.barron_alpha,
+          list(c.loss.enhanced_range), list(c.loss.time_dist), c.loss.one_group,
+          c.lora.time_input) == (
+              common['consistc_ratio'], common['dist_match_cof'], 'barron',
+              common['loss_func_type']['alpha'], common['enhanced_range'],
+              common['time_dist_ctrl'], True, 't_minus_half_r')
+  tf_config = config_lib.tf_config(c)
+  cat = lambda k: jnp.asarray(np.concatenate([d[f'{run}/{k}'] for run in runs]))
+  mean = lambda k: np.mean([d[f'{run}/{k}'] for run in runs], axis=0)   # DDP: the mean
+  b = len(cat('labels'))
+  _, _, sizes = losses.block_layout(b, tf_config)   # the official masks, 'one' included
+  assert sizes + (b // len(runs) - sum(sizes),) == tuple(d[f'{runs[0]}/sizes']), sizes
+  with jax.enable_x64(True):
+    model = official_lora_net(d, meta)
+    graphdef, adapters, base = nnx.split(model, lora.TRAINABLE, lora.FROZEN)
+    adapters, base = nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
+    online = adapter_tree(d, 'default', meta['targets'])
+    assert jax.tree.structure(online) == jax.tree.structure(adapters)
+    # The TrainState's EMA: zero factors at the start (init_state: the base, official
+    # mod_original); the official 'old' adapter when the EMA is running.
+    if emd in (0.0, 1.0):
+      ema = jax.tree.map(jnp.zeros_like, online)
+    else:
+      ema = adapter_tree(d, 'old', meta['targets'])
+    teacher, new_cmd = losses.teacher_update(ema, online, float(d[f'{runs[0]}/cmd_before']),
+                                             emd)
+    np.testing.assert_allclose(float(new_cmd), float(d[f'{runs[0]}/cmd_after']), rtol=1e-15)
+    if 0 < emd < 1:   # official update_ema_lora on the 'old' adapter
+      for run in runs:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-15),
+                     teacher, adapter_tree(d, f'{run}/old_after', meta['targets']))
+    draws = losses.TwinFlowDraws(
+        t=cat('draw/t0'), u_any=cat('draw/u_tt'), u_mul=cat('draw/u_tmin'),
+        z_fake=cat('draw/z_adv'), z=cat('draw/z'), z_rect=cat('draw/z_dm'),
+        s_rect=cat('draw/t_dm'))
+    apply_fn = lora_train.make_apply_fn(graphdef, c.lora.time_input)
+
+    def loss_fn(p, teacher_p):   # as train.step: the base is a constant of the step
+      apply = lambda q, *args: apply_fn((q, base), *args)
+      return losses.twinflow_loss(apply, p, teacher_p, cat('x'), cat('labels'),
+                                  cat('uncond_labels'), draws, tf_config)[0]
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    loss, grads = step(online, teacher)
+    assert loss.dtype == jnp.float64
+    ref = float(mean('loss'))
+    assert abs(float(loss) - ref) <= 1e-10 * abs(ref), (float(loss), ref)
+    for name in meta['targets']:
+      for ours, theirs in (('lora_a', 'lora_A'), ('lora_b', 'lora_B')):
+        want = mean(f'grad/{name}.{theirs}').T
+        got = np.asarray(grads[name][ours])
+        assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), (name, ours)
+    # The fixture tells the teachers apart: the official loss with the online model as
+    # teacher (mod_original / mod_ema replaced) is ours with the online adapters as teacher.
+    wrong = float(mean('loss_online_teacher'))
+    got_wrong, _ = step(online, online)
+    assert abs(float(got_wrong) - wrong) <= 1e-10 * abs(wrong)
+    if case in ('q1', 's2', 'n0', 'b10x2'):
+      assert abs(wrong - ref) > 1e-3 * abs(ref)
+
+
+def test_lora_train_step_runs_the_official_loss(monkeypatch):
+  """The trainer's step on the fixture's q1 (qwenimage_lora_1order: the base teaches), float32.
+
+  `make_train_step` as the loop builds it for LoRA (adapters in the TrainState of
+  `init_state`, whose EMA slot starts at zero factors = the base, the base as the step's
+  third argument, conditions from the labels with train.uncond 'null' = the fixture's e),
+  with the recorded draws in place of `sample_draws`: the official loss and gradients to
+  float32 precision, and the frozen-base teacher stays the base.
+  """
+  from twinflow_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  d = np.load(LORA_REF)
+  meta = json.loads(str(d['config']))
+  c = shipped_config('qwen_image_twinflow_lora.py', '1order')
+  c.loss.row_blocks = 1
+  tf_config = config_lib.tf_config(c)
+  f32 = lambda k: jnp.asarray(d[f'q1/{k}'], jnp.float32)
+  build = lambda rngs: official_lora_net(d, meta, jnp.float32)
+  graphdef, _, base = nnx.split(build(None), lora.TRAINABLE, lora.FROZEN)
+  tx = optax.sgd(1.0)   # new params = params - grads
+  state = lora_train.init_state(build, tx, jax.random.key(0))
+  assert all(not np.any(a) for a in jax.tree.leaves(state.ema))
+  online = adapter_tree(d, 'default', meta['targets'], jnp.float32)
+  state = state.replace(params=online)
+  draws = losses.TwinFlowDraws(
+      t=f32('draw/t0'), u_any=f32('draw/u_tt'), u_mul=f32('draw/u_tmin'),
+      z_fake=f32('draw/z_adv'), z=f32('draw/z'), z_rect=f32('draw/z_dm'), s_rect=f32('draw/t_dm'))
+  monkeypatch.setattr(step_lib.losses, 'sample_draws', lambda *args, **kwargs: draws)
+  train_step = step_lib.make_train_step(
+      lora_train.make_apply_fn(graphdef, c.lora.time_input), tf_config, tx,
+      optax.constant_schedule(1.0), num_classes=meta['K'] - 1, uncond='null')
+  batch = {'x': f32('x'), 'label': jnp.asarray(d['q1/labels'], jnp.int32)}
+  assert np.all(d['q1/uncond_labels'] == meta['K'] - 1)   # the null class
+  new_state, metrics = jax.jit(train_step)(state, batch, nnx.to_pure_dict(base))
+  assert int(metrics['skip_reason']) == 0
+  np.testing.assert_allclose(float(metrics['loss']), float(d['q1/loss']), rtol=1e-5)
+  for name in meta['targets']:
+    for ours, theirs in (('lora_a', 'lora_A'), ('lora_b', 'lora_B')):
+      want = d[f'q1/grad/{name}.{theirs}'].T
+      got = np.asarray(online[name][ours] - new_state.params[name][ours])
+      assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (name, ours)
+  assert all(not np.any(a) for a in jax.tree.leaves(new_state.ema))   # still the base
 
 
 def test_frozen_base_is_sharded_like_the_full_model_and_holds_no_optimizer_state(tmp_path):

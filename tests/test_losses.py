@@ -279,6 +279,19 @@ def test_group_sizes_half_to_even():
   assert losses.group_sizes(8, (0, 1, 0, 0)) == (0, 8, 0, 0)
   with pytest.raises(ValueError, match="at least 4"):
     losses.group_sizes(3)
+  # Official LoRA layout (twinflow_lora.py): all four rounded, cut at the batch end; the
+  # rows left over are the fifth group 'one' (r = 0) after adv.
+  for b, want in ((5, (1, 1, 1, 1)), (6, (2, 2, 2, 0)), (7, (2, 2, 2, 1)), (9, (2, 2, 2, 2)),
+                  (10, (2, 2, 2, 2)), (13, (3, 3, 3, 3)), (14, (4, 4, 4, 2))):
+    assert losses.group_sizes(b, one_group=True) == want, b
+  for b in range(4, 41):   # equal to the full layout whenever 'one' is empty
+    sizes = losses.group_sizes(b, one_group=True)
+    assert sum(sizes) == b and sizes == losses.group_sizes(b) or sum(sizes) < b, b
+  # B = 10, one 2 rows: the teacher calls cover them (enhanced, RCGM), as the non-adv rows.
+  assert losses.count_network_rows(10, TwinFlowConfig(one_group=True)) == {
+      "ours": 10 + 2 + 2 * 6 + 2 * 8 + 2 * 2, "official": 10 + 2 + 2 * 10 + 2 * 10 + 2 * 2}
+  with pytest.raises(ValueError, match="one_group must be a bool"):
+    TwinFlowConfig(one_group=1)
 
 
 def counting_apply(counter):
@@ -298,9 +311,10 @@ def test_network_rows_per_step(b, config):
   jax.grad(lambda q: losses.twinflow_loss(counting_apply(calls), q, j(p_t), j(x),
                                           jnp.asarray(c), jnp.asarray(e), j(dr),
                                           config)[0])(j(p))
-  n_e2e, n_mul, n_any, n_adv = losses.group_sizes(b)
+  n_e2e, n_mul, n_any, n_adv = losses.group_sizes(b, one_group=config.one_group)
+  n_one = b - (n_e2e + n_mul + n_any + n_adv)
   n_ord = config.estimate_order
-  enh = 2 * (n_mul + n_any) if config.enhanced_ratio else 0
+  enh = 2 * (n_mul + n_any + n_one) if config.enhanced_ratio else 0
   assert sum(calls) == b + n_adv + enh + n_ord * (b - n_adv) + 2 * n_e2e
   # The official count (TWINFLOW.md): teacher on all B rows for each call.
   official = b + n_adv + (2 * b if config.enhanced_ratio else 0) + n_ord * b + 2 * n_e2e

@@ -35,6 +35,8 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array, PyTree], jax.Array]
 
 GROUPS = ("e2e", "mul", "any", "adv")
+# The fifth group of the official LoRA loss (`TwinFlowConfig.one_group`).
+ONE = "one"
 METRICS = ("barron", "l2", "pseudo_huber")
 # Official: r_mul = t (1 - min(0.05, cor) u); the "mul" rows learn a nearly instantaneous
 # velocity within 5% of t.
@@ -79,6 +81,12 @@ class TwinFlowConfig:
       online network (teacher_params is ignored); 1 means a frozen teacher, and then (as in
       the official code) the RCGM chain runs on the online network while the enhanced
       target uses the frozen teacher.
+    one_group: the row layout of the official LoRA loss (`twinflow_lora.py`): a fifth
+      group 'one' (r = 0, t as drawn) with proportion 0 follows adv and takes the rows
+      that `round(B p_k / sum(p))` leaves over (e.g. B = 10: 2|2|2|2|2, B = 5: 1|1|1|1|1);
+      when the rounded sizes exceed B the groups are cut at the batch end (B = 7:
+      2|2|2|1|0). Off: adv takes the remainder (`twinflow.py`). The two agree when the
+      rounded sizes do not fall short of B (B = 4k, 4k + 3, and 4k + 2 with k odd).
   """
 
   estimate_order: int = 2
@@ -96,6 +104,7 @@ class TwinFlowConfig:
   enhanced_range: tuple[float, float] = (0.0, 1.0)
   image_free: bool = False
   ema_decay: float = 0.99
+  one_group: bool = False
 
   def __post_init__(self):
     # Accept lists (e.g. from ml_collections) but store tuples so the config stays hashable.
@@ -124,6 +133,8 @@ class TwinFlowConfig:
     _check(len(self.enhanced_range) == 2 and self.enhanced_range[0] < self.enhanced_range[1],
            "enhanced_range", "(lo, hi) with lo < hi", self.enhanced_range)
     _check(0 <= self.ema_decay <= 1, "ema_decay", "in [0, 1]", self.ema_decay)
+    _check(isinstance(self.one_group, (bool, np.bool_)), "one_group", "a bool",
+           self.one_group)
 
   def replace(self, **changes) -> "TwinFlowConfig":
     return dataclasses.replace(self, **changes)
@@ -153,17 +164,29 @@ def preset(name: str, **overrides) -> TwinFlowConfig:
   return TwinFlowConfig(**{**PRESETS[name], **overrides})
 
 
-def group_sizes(batch: int, proportions=(1, 1, 1, 1)) -> tuple[int, int, int, int]:
+def group_sizes(batch: int, proportions=(1, 1, 1, 1),
+                one_group: bool = False) -> tuple[int, int, int, int]:
   """Sizes of the contiguous row groups (e2e, mul, any, adv).
 
   Official rule: `round(B p_k / sum(p))` (Python's half-to-even rounding) for every group
   but the last, which takes the remainder. Here "the last" is the last group with a
   non-zero proportion, so that presets without adv rows never get a negative remainder;
   for the official proportions (1, 1, 1, 1) the two rules agree.
+
+  With `one_group` (official LoRA layout, see `TwinFlowConfig.one_group`) all four are
+  rounded, cut at the batch end, and the `batch - sum` rows left over (>= 0) form the
+  group 'one' after adv.
   """
   if batch < 4:
     raise ValueError(f"TwinFlow needs a batch of at least 4 rows (one per group), got {batch}")
   total = float(sum(proportions))
+  if one_group:
+    sizes, cursor = [], 0
+    for p in proportions:   # official: masks m[cursor:cursor + n], cut at the batch end
+      n = int(round(batch * p / total))
+      sizes.append(max(0, min(n, batch - cursor)))
+      cursor += n
+    return tuple(sizes)
   last = max(k for k, p in enumerate(proportions) if p > 0)
   sizes = [int(round(batch * p / total)) if k != last else 0
            for k, p in enumerate(proportions)]
@@ -177,12 +200,15 @@ def group_sizes(batch: int, proportions=(1, 1, 1, 1)) -> tuple[int, int, int, in
 def block_layout(batch: int, config: "TwinFlowConfig") -> tuple[int, int, tuple[int, ...]]:
   """(G, rows per block, group sizes of one block) of a batch; see `row_blocks`.
 
+  The sizes are (e2e, mul, any, adv); with `one_group` the rows of a block they leave
+  over are the group 'one'.
+
   Raises ValueError naming `row_blocks` when G does not divide the batch or leaves fewer
   than 4 rows per block.
   """
   g = config.row_blocks
   if g == 1:
-    return 1, batch, group_sizes(batch, config.group_proportions)
+    return 1, batch, group_sizes(batch, config.group_proportions, config.one_group)
   if batch % g:
     raise ValueError(f"TwinFlowConfig.row_blocks={g} does not divide the batch of {batch} "
                      "rows (the loss sees the batch as [row_blocks, batch / row_blocks]); "
@@ -191,7 +217,7 @@ def block_layout(batch: int, config: "TwinFlowConfig") -> tuple[int, int, tuple[
     raise ValueError(f"TwinFlowConfig.row_blocks={g} leaves {batch // g} rows per block of "
                      f"a batch of {batch}; every block needs at least 4 rows (one per "
                      f"group): use row_blocks <= {batch // 4}")
-  return g, batch // g, group_sizes(batch // g, config.group_proportions)
+  return g, batch // g, group_sizes(batch // g, config.group_proportions, config.one_group)
 
 
 class TwinFlowDraws(NamedTuple):
@@ -434,25 +460,40 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
   Returns:
     (loss, aux): the scalar loss L_main + rect_coef * L_rect, and a dict of scalar terms
     for logging: "loss", "loss_main", "loss_rect", "loss_adv" and "group/<name>" (the mean
-    weighted distance of each non-empty group).
+    weighted distance of each non-empty group, 'one' included).
   """
   _check_inputs(x, cond, uncond, draws, config)
   cfg = config
   b = x.shape[0]
   g, nb, (n_e2e, n_mul, n_any, n_adv) = block_layout(b, cfg)
+  n_one = nb - (n_e2e + n_mul + n_any + n_adv)   # > 0 only with one_group (official LoRA)
   blk = _Blocks(g, batch_axes)
   x, cond, uncond, draws = blk.pin((x, cond, uncond, draws))
+  if n_one:
+    # Official row order e2e|mul|any|adv|one. The loss works on e2e|mul|any|one|adv, so
+    # that the non-adv rows stay a prefix of every block: the rows of one move before adv
+    # with their inputs and per-row draws. The loss is a mean over rows; nothing moves back.
+    n4 = n_e2e + n_mul + n_any
+    perm = np.concatenate([np.arange(n4), np.arange(n4 + n_adv, nb),
+                           np.arange(n4, n4 + n_adv)])
+    move = lambda a: blk.flat(blk.view(a)[:, perm])
+    x, cond, uncond = jax.tree.map(move, (x, cond, uncond))
+    draws = draws._replace(
+        t=move(draws.t), u_any=move(draws.u_any), u_mul=move(draws.u_mul), z=move(draws.z),
+        z_data=None if draws.z_data is None else move(draws.z_data))
   n_real = nb - n_adv                     # non-adv rows are the prefix [0, n_real) of a block
-  # Static row masks (groups are contiguous in each block: e2e | mul | any | adv).
-  group_id = np.tile(np.repeat(np.arange(4), (n_e2e, n_mul, n_any, n_adv)), g)
-  is_e2e, is_mul, is_adv = group_id == 0, group_id == 1, group_id == 3
+  # Static row masks (groups are contiguous in each block: e2e | mul | any | one | adv).
+  group_id = np.tile(np.repeat(np.array([0, 1, 2, 4, 3]),
+                               (n_e2e, n_mul, n_any, n_one, n_adv)), g)
+  is_e2e, is_mul, is_adv, is_one = (group_id == 0, group_id == 1, group_id == 3,
+                                    group_id == 4)
   # Targets and G are computed in float32 at least (float64 when x is float64).
   ct = jnp.promote_types(x.dtype, jnp.float32)
   sg = jax.lax.stop_gradient
   cor = cfg.consistency_ratio
   online = sg(params)
   enhance_on = cfg.estimate_order >= 0 and cfg.enhanced_ratio != 0.0
-  rcgm_on = (cfg.estimate_order >= 1 and cor != 0.0 and (n_e2e + n_any) > 0
+  rcgm_on = (cfg.estimate_order >= 1 and cor != 0.0 and (n_e2e + n_any + n_one) > 0
              and n_real > 0)
   if cfg.ema_decay == 0.0:
     teacher = online
@@ -468,12 +509,13 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
   def net(p, xt, t, r, c):
     return blk.pin(apply_fn(p, xt, t, r, c).astype(ct))
 
-  # 1-2. Times: r = t (1 - cor u); e2e rows (t, r) = (1, 0); mul rows r within 5% of t.
+  # 1-2. Times: r = t (1 - cor u); e2e rows (t, r) = (1, 0); mul rows r within 5% of t;
+  # one rows r = 0.
   t0 = draws.t.astype(ct)
   r = t0 - draws.u_any.astype(ct) * cor * t0
   r_mul = t0 - draws.u_mul.astype(ct) * t0 * min(_MUL_MAX_GAP, cor)
   t = jnp.where(is_e2e, 1.0, t0).astype(ct)
-  r = jnp.where(is_e2e, 0.0, jnp.where(is_mul, r_mul, r)).astype(ct)
+  r = jnp.where(is_e2e | is_one, 0.0, jnp.where(is_mul, r_mul, r)).astype(ct)
 
   x = x.astype(ct)
   if cfg.image_free:
@@ -519,7 +561,7 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
       target = blk.set_rows(target, start, jnp.where(in_range, enhanced, v_s))
 
   # 8. RCGM N-th order target on the non-adv rows (the official code skips it when there
-  # are no e2e or any rows). Frozen teacher: the official code runs the chain online.
+  # are no e2e, any or one rows). Frozen teacher: the official code runs the chain online.
   if rcgm_on:
     chain_params = online if cfg.ema_decay == 1.0 else teacher
     tr, rr, vr, fr = (blk.rows(a, 0, n_real) for a in (t, r, target, f))
@@ -582,7 +624,7 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
   aux = {"loss": loss, "loss_main": loss_main, "loss_rect": loss_rect,
          "loss_adv": jnp.mean(blk.rows(per_row, n_real, nb)) if n_adv else jnp.zeros((), ct)}
   start = 0
-  for name, size in zip(GROUPS, (n_e2e, n_mul, n_any, n_adv)):
+  for name, size in zip(GROUPS[:3] + (ONE, GROUPS[3]), (n_e2e, n_mul, n_any, n_one, n_adv)):
     if size:
       aux[f"group/{name}"] = jnp.mean(blk.rows(per_row, start, start + size))
     start += size
@@ -601,18 +643,20 @@ def count_network_rows(batch: int, config: TwinFlowConfig = TwinFlowConfig()) ->
   """
   g, nb, (n_e2e, n_mul, n_any, n_adv) = block_layout(batch, config)
   ours = g * _rows_per_step(nb, (n_e2e, n_mul, n_any, n_adv), config, official=False)
-  official = _rows_per_step(batch, group_sizes(batch, config.group_proportions), config,
-                            official=True)
+  official = _rows_per_step(
+      batch, group_sizes(batch, config.group_proportions, config.one_group), config,
+      official=True)
   return {"ours": ours, "official": official}
 
 
 def _rows_per_step(batch: int, sizes, config: TwinFlowConfig, official: bool) -> int:
   n_e2e, n_mul, n_any, n_adv = sizes
+  n_one = batch - sum(sizes)
   n_real = batch - n_adv
   cfg = config
   enr_on = cfg.estimate_order >= 0 and cfg.enhanced_ratio != 0.0
   rcgm_on = (cfg.estimate_order >= 1 and cfg.consistency_ratio != 0.0
-             and (n_e2e + n_any) > 0)
+             and (n_e2e + n_any + n_one) > 0)
   rect_on = cfg.consistency_ratio == 1.0 and n_e2e > 0
   free = batch if cfg.image_free else 0
   if official:

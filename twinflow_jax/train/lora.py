@@ -20,9 +20,12 @@ Enabled by `config.lora.rank > 0` (see `train.config.base_config`). The model of
   * `lora.time_input = 't_minus_half_r'` calls the network as the official
     `TwinFlow_LoRA.forward` does: one time `t - r / 2` (`model(x_t, t=q - tt / 2)`), no
     target-time input (the official LoRA configs set `aux_time_embed: false`). It is
-    passed as both times, so an r-embedder, if the model has one, adds exactly zero.
+    passed as both times, so an r-embedder, if the model has one, adds exactly zero;
+  * the official LoRA row groups e2e|mul|any|adv|one are `loss.one_group = True` (set by
+    the LoRA configs; see losses.TwinFlowConfig.one_group).
 
-See docs/pretrained-models.md ("LoRA") for the comparison with full fine-tuning.
+See docs/pretrained-models.md ("LoRA") for the comparison with full fine-tuning;
+tests/test_lora.py matches this path to the official `twinflow_lora.py` in float64.
 """
 
 from __future__ import annotations
@@ -85,15 +88,6 @@ def validate(config: Any) -> None:
     raise errors.ConfigError("config.train.init_from must name the base weights (a "
                              "diffusers transformer folder) of a LoRA run (config.lora.rank "
                              f"= {c.rank})")
-  # The official LoRA loss splits the batch into e2e|mul|any|adv|one with proportions
-  # (1, 1, 1, 1, 0); for a multiple of 4 rows per block 'one' gets no rows and the split
-  # is the one of losses.group_sizes. Other sizes would give it rows (not implemented).
-  rows = config.train.global_batch_size // max(int(config.loss.row_blocks), 1)
-  if rows % 4:
-    raise errors.ConfigError(
-        f"config.train.global_batch_size / config.loss.row_blocks = {rows} rows per block "
-        "must be a multiple of 4 for LoRA: the official LoRA loss then has the same row "
-        "groups as the full one (its extra 'one' group is empty)")
 
 
 def model_fn(config: Any) -> Callable[[nnx.Rngs], nnx.Module]:
@@ -155,10 +149,11 @@ def init_frozen(build: Callable[[nnx.Rngs], nnx.Module], key: jax.Array) -> PyTr
 
 
 def make_apply_fn(graphdef: nnx.GraphDef, time_input: str) -> Callable:
-  """`apply_fn((lora, base), x_t, t, r, cond) -> F` (float32), the losses' convention.
+  """`apply_fn((lora, base), x_t, t, r, cond) -> F`, the losses' convention.
 
   time_input 't_minus_half_r': the network sees the single time t - r / 2 (official
-  TwinFlow_LoRA); 't_r': t and r as in a full fine-tune.
+  TwinFlow_LoRA); 't_r': t and r as in a full fine-tune. F is float32 (float64 from a
+  float64 model, so the loss can be checked against the official code in float64).
   """
   if time_input not in TIME_INPUTS:
     raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
@@ -169,7 +164,8 @@ def make_apply_fn(graphdef: nnx.GraphDef, time_input: str) -> Callable:
     if time_input == "t_minus_half_r":
       t = t - r / 2
       r = t
-    return model(x_t, t, r, cond).astype(jnp.float32)
+    out = model(x_t, t, r, cond)
+    return out.astype(jnp.promote_types(out.dtype, jnp.float32))
 
   return apply_fn
 
