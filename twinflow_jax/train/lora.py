@@ -11,7 +11,8 @@ Enabled by `config.lora.rank > 0` (see `train.config.base_config`). The model of
     to the jitted step as an argument (never differentiated, never donated);
   * the checkpoint's config records the base: `train.init_from` (the path) and
     `lora.base_fingerprint`, an exact checksum of the loaded base computed on the devices;
-    resuming or exporting against other base weights is an error naming both;
+    resuming, exporting or sampling (`readonly.load_run`, which reads the base with the
+    same `read_base`) against other base weights is an error naming both;
   * the EMA teacher is an EMA of the LoRA factors on the shared base, started at zero
     factors: with `loss.ema_decay = 1` it stays zero, i.e. the teacher is the base model
     with its adapters disabled (official `mod_original`); with 0 < emd < 1 the first
