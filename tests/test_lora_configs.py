@@ -3,11 +3,13 @@
 Each config runs with its own settings but tiny shapes: the committed tiny diffusers
 fixtures stand in for the released transformers (config.json + safetensors), text features
 come from tiny ArrayRecord t2i records written with the project's writer, 4 rows per step.
+The SD3.5 LoRA run is then exported (merged) and sampled, read-only, by the sample command.
 """
 
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -15,13 +17,19 @@ import pytest
 
 import orbax.checkpoint as ocp
 
+from twinflow_jax import generate
 from twinflow_jax import main as main_lib
+from twinflow_jax import sample
 from twinflow_jax.models import convert
+from twinflow_jax.models.convert import diffusers as dlib
 from twinflow_jax.models.convert.safetensors_io import SafetensorsFolder
 from twinflow_jax.train import checkpoint as ckpt_lib
+from twinflow_jax.train import readonly
+from twinflow_jax.train import state as state_lib
 from twinflow_jax.data import arrayrecord_io
 
 import tiny_diffusers
+from test_sample import snapshot
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
@@ -89,7 +97,7 @@ def run_main(c, workdir, monkeypatch):
     return rows, json.load(f)
 
 
-def test_sd35_lora_config_trains_through_main(tmp_path, monkeypatch):
+def test_sd35_lora_config_trains_and_samples_through_main(tmp_path, monkeypatch, capsys):
   c = tiny(load_config('sd35_twinflow.py', 'lora'), os.path.join(FIXTURES, 'sd35_medium'),
            tmp_path, (8, 12, 4), 16)
   assert c.lora.time_input == 't_minus_half_r' and not c.model.r_embedder
@@ -118,6 +126,63 @@ def test_sd35_lora_config_trains_through_main(tmp_path, monkeypatch):
     np.testing.assert_allclose(f.read(key).astype(np.float32), want, atol=1e-6)
     assert np.abs(f.read(key) - b.read(key)).max() > 1e-6   # the adapters moved
     np.testing.assert_array_equal(f.read('proj_out.weight'), b.read('proj_out.weight'))
+  check_lora_sampling(c, tmp_path, out, (8, 12, 4), 16, capsys)
+
+
+def sample_folder(folder, model_config, cond, preset, x_shape, mesh):
+  """Samples a plain diffusers folder with the LoRA time input t - r / 2 (see train/lora.py)."""
+  overrides = {k: v for k, v in model_config.items() if k not in ('name', 'pretrained')}
+  model = dlib.load_model(folder, overrides, mesh=mesh)
+  graphdef, params = state_lib.split_model(model)
+  apply = state_lib.make_apply_fn(graphdef)
+  shifted = lambda p, x, t, r, c: apply(p, x, t - r / 2, t - r / 2, c)
+  return generate.generate(shifted, params, cond, preset, key=3, x_shape=x_shape, mesh=mesh)
+
+
+def check_lora_sampling(c, tmp_path, merged, x_shape, pooled_dim, capsys):
+  """The sample command on the LoRA run (read-only, base + adapters) equals sampling the
+  merged export `merged`; a missing or different base is one clear error line."""
+  run, out = str(tmp_path / 'run'), str(tmp_path / 'samples.npz')
+  rng = np.random.default_rng(5)
+  cond = {'txt': rng.standard_normal((2, 7, c.data.txt_dim)).astype(np.float32),
+          'txt_mask': np.arange(7)[None] < np.array([[7], [4]]),
+          'pooled': rng.standard_normal((2, pooled_dim)).astype(np.float32)}
+  np.savez(tmp_path / 'prompts.npz', **cond)
+  before = snapshot(run)
+  # any4 calls the network at r != 0 (the 1/2/4-NFE presets at r = 0), so the comparison
+  # below also pins the time input t - r / 2.
+  argv = ['--workdir', run, '--cond-file', str(tmp_path / 'prompts.npz'), '--preset', 'any4',
+          '--seed', '3', '--out', out]
+  assert sample.main(argv) == 0
+  assert snapshot(run) == before
+  with np.load(out) as f:
+    got = f['samples']
+    assert str(f['weights']) == 'online'   # a LoRA run's default: the trained adapter
+  assert got.shape == (2, *x_shape) and np.isfinite(got).all()
+  mesh = generate.default_mesh()
+  want = sample_folder(merged, c.model.to_dict(), cond, 'any4', x_shape, mesh)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  base = sample_folder(c.train.init_from, c.model.to_dict(), cond, 'any4', x_shape, mesh)
+  assert np.abs(got - base).max() > 1e-3   # the adapters matter far beyond the tolerance
+
+  # The base moved: one error line naming the field and the path, nothing written.
+  moved = str(tmp_path / 'moved_base')
+  os.rename(c.train.init_from, moved)
+  with pytest.raises(SystemExit) as e:
+    sample.main(argv[:-1] + [str(tmp_path / 'x.npz')])
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith(f'error: {run} is a LoRA run') and '--base DIR' in err, err
+  assert f"config.train.init_from = '{c.train.init_from}'" in err, err
+  assert not (tmp_path / 'x.npz').exists() and snapshot(run) == before
+  # Another base of the same architecture (the merged export) fails the fingerprint check.
+  with pytest.raises(ValueError, match=re.escape(f'base weights at {merged} (fingerprint ')
+                     + '.* are not those LoRA run .* give the original base folder with --base'):
+    readonly.load_run(run, base=merged)
+  # The moved original is accepted (adapters and base read, nothing sampled).
+  loaded = readonly.load_run(run, base=moved)
+  assert loaded.config.train.init_from == moved and list(loaded.weights) == ['online']
+  assert snapshot(run) == before
 
 
 def test_qwen_image_lora_config_trains_through_main(tmp_path, monkeypatch):

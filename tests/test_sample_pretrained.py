@@ -59,10 +59,10 @@ def loaded_once(monkeypatch):
   """readonly.load_run memoised, so every command call reuses one compiled sampler."""
   cache, real = {}, readonly.load_run
 
-  def load_run(workdir, step=None, weights=("ema",), devices=None):
-    key = (workdir, step, tuple(weights))
+  def load_run(workdir, step=None, weights=None, devices=None, base=None):
+    key = (workdir, step, weights and tuple(weights), base)
     if key not in cache:
-      cache[key] = real(workdir, step, weights, devices)
+      cache[key] = real(workdir, step, weights, devices, base)
     return cache[key]
 
   monkeypatch.setattr(readonly, "load_run", load_run)

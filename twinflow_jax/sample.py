@@ -18,6 +18,11 @@ weights, seed) and OUT.png (a grid; one class per column for class-conditional r
 never writes into, moves or deletes anything in DIR: an unreadable checkpoint is reported
 and the command exits with status 1 (pick another with --step).
 
+LoRA runs (configs sd35_twinflow.py:lora, qwen_image_twinflow_lora.py, flux_twinflow_lora.py)
+sample without an export: the frozen base is read from the run's config.train.init_from (or
+--base, if it moved), checked against the run's lora.base_fingerprint, and the network is the
+trainer's (adapters on the base, the run's lora.time_input); --weights defaults to 'online'.
+
 Latent runs (data prepared by `python -m twinflow_jax.data.prepare`, whose metadata.json
 names the VAE) are decoded through that VAE (or the one given with --vae): OUT.npz also
 holds `images` (uint8 [N, H, W, 3]), and the grid and the metrics show decoded images.
@@ -62,9 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                  help="--diffusers: weight and compute dtype (default bfloat16)")
   p.add_argument("--step", type=int, default=None,
                  help="checkpoint step (default: the newest complete one)")
-  p.add_argument("--weights", default="ema",
-                 help="'ema' (the TwinFlow EMA, default), 'online' (the trained parameters) or "
-                      "'ema_<decay>' (an evaluation EMA of train.eval_ema_decays)")
+  p.add_argument("--weights", default=None,
+                 help="'ema' (the TwinFlow EMA; the default), 'online' (the trained parameters; "
+                      "the default for LoRA runs) or 'ema_<decay>' (an evaluation EMA of "
+                      "train.eval_ema_decays)")
+  p.add_argument("--base", default=None,
+                 help="LoRA runs: the frozen base transformer folder, if it moved since "
+                      "training (default: the run's config.train.init_from); it must be the "
+                      "base the run was trained on (checked by lora.base_fingerprint)")
   p.add_argument("--preset", default="1nfe",
                  help="sampler preset: 1nfe, 2nfe, 4nfe, any4, multi30 (official) or small4 "
                       "(recommended few-step preset for small models); default 1nfe")
@@ -234,7 +244,9 @@ def run(args: argparse.Namespace) -> str:
     return _run_diffusers(args)
   t0 = time.perf_counter()
   try:
-    run_ = readonly.load_run(args.workdir, args.step, (args.weights,))
+    run_ = readonly.load_run(args.workdir, args.step,
+                             None if args.weights is None else (args.weights,),
+                             base=args.base)
   except readonly.CheckpointReadError as e:
     steps = readonly.complete_steps(args.workdir)
     step = args.step if args.step is not None else (steps[-1] if steps else None)
@@ -244,6 +256,7 @@ def run(args: argparse.Namespace) -> str:
   except ValueError as e:
     raise UserError(str(e)) from e
   spec, step = run_.spec, run_.step
+  weights = next(iter(run_.weights))   # the run's default when none was named
 
   model_name = run_.config.model.get("name", "")
   if args.guidance is not None and not (model_name == "flux"
@@ -269,14 +282,14 @@ def run(args: argparse.Namespace) -> str:
   if args.cfg_scale is not None and cond is None:
     raise UserError("--cfg-scale needs a conditional run")
   decoder, evaluators = _decoder_and_evaluators(args, run_)
-  out = args.out or default_out(args.workdir, step, args.preset, args.weights)
+  out = args.out or default_out(args.workdir, step, args.preset, weights)
   if not out.endswith(".npz"):
     out += ".npz"
   out = os.path.abspath(out)
   if os.path.commonpath([out, os.path.abspath(args.workdir)]) == os.path.abspath(args.workdir):
     raise UserError(f"--out {out} lies inside --workdir; this command never writes there")
   _log(f"run {args.workdir}: model {run_.config.model.name}, samples {tuple(spec.x_shape)}; "
-       f"read the {args.weights} weights of step {step} (of {run_.steps}) in "
+       f"read the {weights} weights of step {step} (of {run_.steps}) in "
        f"{time.perf_counter() - t0:.1f}s; mesh {dict(run_.mesh.shape)}")
   _log(f"generating {num} samples with preset {args.preset} (seed {args.seed}) on "
        f"{jax.device_count()} device(s)")
@@ -287,7 +300,7 @@ def run(args: argparse.Namespace) -> str:
     uncond["guidance"] = cond["guidance"]   # the null text keeps the embedded guidance
   t0 = time.perf_counter()
   samples = generate.generate(
-      run_.apply_fn, run_.weights[args.weights], cond, args.preset, key=args.seed,
+      run_.apply_fn, run_.weights[weights], cond, args.preset, key=args.seed,
       x_shape=spec.x_shape, num=num, mesh=run_.mesh, rules=run_.rules, batch_size=args.batch,
       uncond=uncond, cfg_scale=args.cfg_scale, progress=True)
   _log(f"generated {num} samples in {time.perf_counter() - t0:.1f}s")
@@ -309,7 +322,7 @@ def run(args: argparse.Namespace) -> str:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     cfg = sampling.get_config(args.preset)
     record = {"samples": samples, "preset": np.asarray(args.preset), "step": np.asarray(step),
-              "weights": np.asarray(args.weights), "seed": np.asarray(args.seed),
+              "weights": np.asarray(weights), "seed": np.asarray(args.seed),
               "cfg_scale": np.asarray(np.nan if args.cfg_scale is None else args.cfg_scale),
               "sampler": np.asarray(json.dumps(cfg.__dict__)),
               "workdir": np.asarray(os.path.abspath(args.workdir))}
@@ -340,6 +353,8 @@ def _run_diffusers(args: argparse.Namespace) -> str:
   from twinflow_jax.train import images  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
+  if args.base:
+    raise UserError("--base applies to --workdir of a LoRA run, not to --diffusers")
   path = os.path.abspath(args.diffusers)
   if not diffusers.is_diffusers_dir(path):
     raise UserError(f"--diffusers {args.diffusers} is not a diffusers model folder "

@@ -178,13 +178,11 @@ def init_state(setup: Setup, seed: int) -> state_lib.TrainState:
 
 def load_frozen_base(setup: Setup, path: str, seed: int = 0) -> Any:
   """LoRA: the base parameters read from `path` into their shardings (train.init_from)."""
+  adapters = state_lib.abstract_with_shardings(setup.abstract_state.params,
+                                               setup.shardings.params)
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
-    frozen = jax.jit(setup.frozen_init_fn, out_shardings=setup.frozen_shardings)(
-        jax.random.key(seed))
-    adapters = jax.tree.map(lambda a, sh: jnp.zeros(a.shape, a.dtype, device=sh),
-                            setup.abstract_state.params, setup.shardings.params)
-    return lora_train.load_base(setup.graphdef, adapters, frozen, path,
-                                setup.frozen_shardings)
+    return lora_train.read_base(setup.frozen_init_fn, setup.graphdef, adapters,
+                                setup.frozen_shardings, path, seed)
 
 
 def load_pretrained_params(setup: Setup, state: state_lib.TrainState, path: str

@@ -11,7 +11,8 @@ Enabled by `config.lora.rank > 0` (see `train.config.base_config`). The model of
     to the jitted step as an argument (never differentiated, never donated);
   * the checkpoint's config records the base: `train.init_from` (the path) and
     `lora.base_fingerprint`, an exact checksum of the loaded base computed on the devices;
-    resuming or exporting against other base weights is an error naming both;
+    resuming, exporting or sampling (`readonly.load_run`, which reads the base with the
+    same `read_base`) against other base weights is an error naming both;
   * the EMA teacher is an EMA of the LoRA factors on the shared base, started at zero
     factors: with `loss.ema_decay = 1` it stays zero, i.e. the teacher is the base model
     with its adapters disabled (official `mod_original`); with 0 < emd < 1 the first
@@ -143,7 +144,7 @@ def init_state(build: Callable[[nnx.Rngs], nnx.Module], tx, key: jax.Array,
 
 
 def init_frozen(build: Callable[[nnx.Rngs], nnx.Module], key: jax.Array) -> PyTree:
-  """The base parameters of a fresh model (placeholders until `load_base`)."""
+  """The base parameters of a fresh model (`read_base` keeps those a folder lacks)."""
   k_model, _ = jax.random.split(key)
   return _split(build(nnx.Rngs(params=k_model)))[1]
 
@@ -170,14 +171,39 @@ def make_apply_fn(graphdef: nnx.GraphDef, time_input: str) -> Callable:
   return apply_fn
 
 
-def load_base(graphdef: nnx.GraphDef, state_params: PyTree, frozen: PyTree, path: str,
-              frozen_shardings: PyTree) -> PyTree:
-  """The base parameters read from `path` (diffusers folder or pretrained directory),
-  straight into the shardings of `frozen`."""
-  model = nnx.merge(graphdef, state_params, frozen)
+def read_base(frozen_init_fn: Callable[[jax.Array], PyTree], graphdef: nnx.GraphDef,
+              adapters: PyTree, frozen_shardings: PyTree, path: str, seed: int) -> PyTree:
+  """The frozen base of a LoRA model, read from `path` straight into `frozen_shardings`.
+
+  The one way the base is made, by the trainer and by read-only consumers (sampling). Each
+  parameter the folder holds is read into its sharding; those it lacks (an r-embedder)
+  take the model's init with `seed` (config.seed; only they are computed), so the base and
+  its `fingerprint` depend only on the folder and the seed. Call under the mesh and
+  logical-axis rules.
+
+  Args:
+    frozen_init_fn: `key -> base params` (`functools.partial(init_frozen, build)`).
+    graphdef: the LoRA model's graphdef (from `param_specs`).
+    adapters: the LoRA factors, abstract (ShapeDtypeStructs) or not; not read.
+    frozen_shardings: NamedShardings of the base parameters.
+    path: diffusers folder or pretrained directory (config.train.init_from).
+    seed: the run's config.seed.
+  """
+  key = jax.random.key(seed)
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        jax.eval_shape(frozen_init_fn, key), frozen_shardings)
+  model = nnx.merge(graphdef, adapters, target)
   models.load_pretrained(model, path)
   _, loaded = _split(model)
-  return jax.jit(lambda p: p, out_shardings=frozen_shardings)(loaded)
+  leaves, treedef = jax.tree.flatten(loaded)
+  absent = [i for i, a in enumerate(leaves) if isinstance(a, jax.ShapeDtypeStruct)]
+  if absent:   # XLA keeps only the init of these
+    init = lambda k: [jax.tree.leaves(frozen_init_fn(k))[i] for i in absent]
+    values = jax.jit(init, out_shardings=[leaves[i].sharding for i in absent])(key)
+    for i, v in zip(absent, values):
+      leaves[i] = v
+  return jax.jit(lambda p: p, out_shardings=frozen_shardings)(
+      jax.tree.unflatten(treedef, leaves))
 
 
 def fingerprint(frozen: PyTree) -> str:
@@ -192,13 +218,17 @@ def fingerprint(frozen: PyTree) -> str:
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def check_fingerprint(config: Any, got: str, what: str) -> None:
-  """Raises errors.ConfigError if `config.lora.base_fingerprint` is set and differs."""
+def check_fingerprint(config: Any, got: str, what: str,
+                      fix: str = "point config.train.init_from at the original base") -> None:
+  """Raises errors.ConfigError if `config.lora.base_fingerprint` is set and differs.
+
+  `fix` ends the message: what the user should do.
+  """
   want = config.lora.get("base_fingerprint", "") if "lora" in config else ""
   if want and want != got:
     raise errors.ConfigError(
         f"the base weights at {config.train.init_from} (fingerprint {got}) are not those "
-        f"{what} (fingerprint {want}); point config.train.init_from at the original base")
+        f"{what} (fingerprint {want}); {fix}")
 
 
 def frozen_shardings(specs: PyTree, mesh: jax.sharding.Mesh) -> PyTree:

@@ -191,14 +191,17 @@ class LoadedRun:
 
   Attributes:
     workdir: the run's --workdir.
-    config: its config (from config.json).
+    config: its config (from config.json; a LoRA run's `train.init_from` is the base
+      folder actually read).
     step: the checkpoint step read.
     steps: all complete checkpoint steps.
     spec: the example shape and conditioning (`data.DataSpec`).
     mesh: the device mesh the weights live on.
     rules: the model's logical-axis rules.
-    apply_fn: `apply_fn(params, x_t, t, r, cond) -> F`.
-    weights: {name: params} for each name asked for ('ema', 'online', 'ema_<decay>').
+    apply_fn: `apply_fn(params, x_t, t, r, cond) -> F`; for LoRA runs the trainer's
+      (`train.lora.make_apply_fn`: adapters on the frozen base, the run's time input).
+    weights: {name: params} for each name asked for ('ema', 'online', 'ema_<decay>'); for
+      LoRA runs params are (adapters, base), the one frozen base shared by all names.
   """
   workdir: str
   config: ml_collections.ConfigDict
@@ -209,6 +212,79 @@ class LoadedRun:
   rules: tuple[tuple[str, Any], ...]
   apply_fn: Callable
   weights: dict[str, Any]
+
+
+def is_lora(config: Any) -> bool:
+  """Whether the run trained LoRA adapters on a frozen base (config.lora.rank > 0)."""
+  from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
+  return lora_train.enabled(config)
+
+
+def default_weights(config: Any) -> str:
+  """The weights sampled when none are named: 'ema' (the TwinFlow EMA teacher), but
+  'online' for LoRA runs (the trained adapter, which the official LoRA trainer samples and
+  saves; their EMA slot may be the base itself, see train/lora.py)."""
+  return "online" if is_lora(config) else "ema"
+
+
+def _lora_base(config: ml_collections.ConfigDict, workdir: str, base: str | None
+               ) -> ml_collections.ConfigDict:
+  """The run config pointed at the base folder to read (`base`, else train.init_from).
+
+  A `model.pretrained` that named the same folder as train.init_from (where the
+  architecture is read) follows `base`.
+
+  Raises:
+    ValueError: a folder that does not exist (one line naming the field and the path).
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  old = config.train.get("init_from", "")
+  if base:
+    if not os.path.isdir(base):
+      raise ValueError(f"the LoRA base folder {base} (given as base / --base) does not exist")
+    base = os.path.abspath(base)
+    if config.model.get("pretrained") and config.model.pretrained == old:
+      config.model.pretrained = base
+    config.train.init_from = base
+  elif not old or not os.path.isdir(old):
+    raise ValueError(
+        f"{workdir} is a LoRA run whose frozen base weights are not at config.train.init_from"
+        f" = {old!r} (recorded in {epath.Path(workdir) / 'config.json'}); give the base "
+        "transformer folder the run was trained on with --base DIR (python: "
+        "load_run(..., base=DIR)); it is checked against lora.base_fingerprint")
+  pretrained = config.model.get("pretrained", "")
+  if pretrained and not os.path.isdir(pretrained):
+    raise ValueError(f"the architecture of LoRA run {workdir} is read from "
+                     f"config.model.pretrained = {pretrained!r}, which does not exist; give "
+                     "the base folder with --base DIR")
+  if not config.lora.get("base_fingerprint"):
+    raise ValueError(f"the config of LoRA run {workdir} records no lora.base_fingerprint; "
+                     "it was not written by the twinflow_jax trainer")
+  return config
+
+
+def _read_lora_base(config: Any, workdir: str, build: Callable, graphdef: Any,
+                    adapters: Any, frozen_shardings: Any, mesh: jax.sharding.Mesh,
+                    rules) -> Any:
+  """The frozen base of a LoRA run, read as the trainer does and checked by fingerprint."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
+
+  path = config.train.init_from
+  try:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      frozen = lora_train.read_base(functools.partial(lora_train.init_frozen, build), graphdef,
+                                    adapters, frozen_shardings, path, int(config.seed))
+  except (ValueError, OSError) as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(f"the base weights of LoRA run {workdir} at config.train.init_from = "
+                     f"{path} cannot be read ({msg[:300]}); give the base transformer folder "
+                     "the run was trained on with --base DIR") from e
+  lora_train.check_fingerprint(
+      config, lora_train.fingerprint(frozen), f"LoRA run {workdir} was trained on",
+      fix="give the original base folder with --base DIR")
+  return frozen
 
 
 def data_spec_of(config: Any):
@@ -240,16 +316,32 @@ def _keep_compilation_cache_out_of(workdir: str) -> None:
     compilation_cache.reset_cache()
 
 
-def load_run(workdir: str, step: int | None = None, weights: Sequence[str] = ("ema",),
-             devices: Sequence[jax.Device] | None = None) -> LoadedRun:
+def load_run(workdir: str, step: int | None = None, weights: Sequence[str] | None = None,
+             devices: Sequence[jax.Device] | None = None, base: str | None = None
+             ) -> LoadedRun:
   """Builds a run's model from its config and reads the named weights, read-only.
 
   The mesh is the run's (config.mesh) when it fits the devices, else every device on
   'data'; the weights are read straight into their shardings on it.
 
+  LoRA runs (config.lora.rank > 0), whose checkpoints hold the adapters only: the model
+  is the trainer's (base transformer of config.model with the adapters of config.lora),
+  the frozen base is read from `base` or config.train.init_from exactly as the trainer
+  reads it (`train.lora.read_base`) and must match the run's lora.base_fingerprint; the
+  adapters come from the checkpoint, and `apply_fn` is the trainer's (with the run's
+  lora.time_input).
+
+  Args:
+    workdir: the run's --workdir.
+    step: checkpoint step (default: the newest complete one).
+    weights: names of the weight sets to read (default: `default_weights(config)`).
+    devices: the devices to use (default: all).
+    base: LoRA runs: the base folder, if it moved since training.
+
   Raises:
     CheckpointReadError: no checkpoint, or the one asked for cannot be read.
-    ValueError: an unknown step or weights name, or a config that does not build here.
+    ValueError: an unknown step or weights name, a config that does not build here, or a
+      LoRA base that is missing or is not the one the run was trained on.
   """
   from twinflow_jax import generate  # pylint: disable=g-import-not-at-top
   from twinflow_jax import models  # pylint: disable=g-import-not-at-top
@@ -267,7 +359,14 @@ def load_run(workdir: str, step: int | None = None, weights: Sequence[str] = ("e
   if step not in steps:
     raise ValueError(f"no complete checkpoint of step {step} in {workdir}; available: {steps}")
   config = read_config(workdir, step)
+  lora = is_lora(config)
+  if base and not lora:
+    raise ValueError(f"--base applies to LoRA runs (config.lora.rank > 0); {workdir} is not "
+                     "one (its checkpoints hold the whole model)")
+  weights = (default_weights(config),) if weights is None else tuple(weights)
   keys = {w: weights_key(w, config.train.get("eval_ema_decays", ())) for w in weights}
+  if lora:
+    config = _lora_base(config, workdir, base)
   try:
     spec = data_spec_of(config)
     try:
@@ -277,13 +376,27 @@ def load_run(workdir: str, step: int | None = None, weights: Sequence[str] = ("e
               mesh_lib.create_mesh({"data": -1}, devices))
     rules = mesh_lib.logical_rules(config.mesh.get("logical_axis_rules", ()),
                                    models.DEFAULT_LOGICAL_AXIS_RULES)
-    model_config = config.model.to_dict()
-    model_fn = lambda rngs: models.create_model(model_config, rngs=rngs)
-    graphdef, abs_params, p_specs = state_lib.param_specs(model_fn, mesh, rules)
+    if lora:
+      from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
+      build = lora_train.model_fn(config)
+      graphdef, abs_params, p_specs, abs_frozen, f_specs = lora_train.param_specs(
+          build, mesh, rules)
+      mesh_lib.check_shardable(abs_frozen, f_specs, mesh)
+      apply_fn = lora_train.make_apply_fn(graphdef, config.lora.time_input)
+    else:
+      model_config = config.model.to_dict()
+      model_fn = lambda rngs: models.create_model(model_config, rngs=rngs)
+      graphdef, abs_params, p_specs = state_lib.param_specs(model_fn, mesh, rules)
+      apply_fn = state_lib.make_apply_fn(graphdef)
     mesh_lib.check_shardable(abs_params, p_specs, mesh)
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(f"the run config of {workdir} does not build a model here: {e}") from e
   target = state_lib.abstract_with_shardings(abs_params, mesh_lib.spec_shardings(p_specs, mesh))
+  frozen = None
+  if lora:   # the base first: a wrong one stops before the checkpoint is read
+    frozen = _read_lora_base(config, workdir, build, graphdef, target,
+                             mesh_lib.spec_shardings(f_specs, mesh), mesh, rules)
   loaded = {w: restore_weights(workdir, step, k, target) for w, k in keys.items()}
-  return LoadedRun(workdir, config, step, steps, spec, mesh, rules,
-                   state_lib.make_apply_fn(graphdef), loaded)
+  if lora:
+    loaded = {w: (adapters, frozen) for w, adapters in loaded.items()}
+  return LoadedRun(workdir, config, step, steps, spec, mesh, rules, apply_fn, loaded)
