@@ -1,11 +1,28 @@
 """XLA settings of the test suite, for this process (conftest) and for the subprocesses."""
 
+import importlib.metadata
 import os
 
-# The suite is dominated by XLA compiling tiny programs that then run a few steps, so
-# LLVM's optimisation is time lost (it halves the compile of a train step). Numerics do not
-# depend on it beyond rounding.
-COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+def _compile_flags() -> tuple[str, ...]:
+  """The suite is dominated by XLA compiling tiny programs that then run a few steps.
+
+  LLVM's optimisation is time lost there (off: the compile of a train step halves), and on
+  jaxlib 0.10 the MLIR fusion emitters of XLA:CPU compile about twice as slowly as the
+  classic ones (jaxlib 0.12 no longer knows the flag, and XLA aborts on unknown flags).
+  Numerics do not depend on either beyond rounding.
+  """
+  flags = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+  try:
+    jaxlib = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    jaxlib = ""
+  if jaxlib.startswith("0.10."):
+    flags += ("--xla_cpu_use_fusion_emitters=false",)
+  return flags
+
+
+COMPILE_FLAGS = _compile_flags()
 
 
 def xla_flags(devices: int | None) -> str:
