@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from twinflow_jax.models.attention import attention_names
-from twinflow_jax.models.configs import (DTYPES, REMAT_POLICIES, _check_choice,
-                                         _check_int)
+from twinflow_jax.models.configs import (DTYPES, REMAT_POLICIES, RuntimeOptionsMixin,
+                                         _check_choice, _check_int)
 
 CONFIG_FILE = 'config.json'
 
@@ -116,7 +116,7 @@ def config_from_dict(cls, d: Mapping[str, Any], family: str):
   return cls(**base)
 
 
-class DiffusersConfigMixin:
+class DiffusersConfigMixin(RuntimeOptionsMixin):
   """Properties of a frozen family config dataclass.
 
   The subclass sets DIFFUSERS_CLASS (diffusers' `_class_name`) and
@@ -132,18 +132,6 @@ class DiffusersConfigMixin:
   @property
   def mlp_dim(self) -> int:
     return 4 * self.hidden_size  # diffusers FeedForward(mult=4)
-
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def params_dtype(self):
-    return DTYPES[self.param_dtype]
-
-  @property
-  def remat_policy(self):
-    return REMAT_POLICIES[self.remat]
 
   @property
   def out_dim(self) -> int:
