@@ -45,6 +45,7 @@ from flax.core import spmd as core_spmd
 
 from twinflow_jax.models.convert.safetensors_io import (SafetensorsFolder, TensorOut,
                                                          write_safetensors_folder)
+from twinflow_jax.models.diffusers_configs import read_config_json
 from twinflow_jax.models.param_tree import flatten, path_name, unflatten
 from twinflow_jax.models.sharding import DEFAULT_LOGICAL_AXIS_RULES
 
@@ -281,11 +282,7 @@ def read_config(path: str) -> dict[str, Any]:
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(file):
     raise FileNotFoundError(f'{path} is not a diffusers model folder: no {CONFIG_FILE}')
-  with open(file) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{file}: not valid JSON ({e})') from e
+  return read_config_json(file)
 
 
 def family_for(diffusers_cfg: Mapping[str, Any], path: str = '') -> DiffusersFamily:
