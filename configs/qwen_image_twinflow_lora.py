@@ -40,26 +40,26 @@ VARIANTS = ("2order", "1order")
 NUM_GPUS = 8
 
 
-def get_config(variant: str | None = None):
+def lora_recipe(variant: str | None, config_file: str, model: dict, targets: str):
+  """The official Qwen-Image LoRA recipe (module doc) for `model` with LoRA on `targets`.
+
+  Also the base of configs/flux_twinflow_lora.py. The caller sets the data fields of its
+  model family (latents, text widths); `config_file` names it in the variant error.
+  """
   variant = variant or "2order"
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of qwen_image_twinflow_lora.py; choose "
-                     f"one of {VARIANTS}")
+    raise ValueError(f"unknown variant {variant!r} of {config_file}; choose one of "
+                     f"{VARIANTS}")
   first = variant == "1order"
   c = base_config()
   c.seed = 42
-  c.model = dict(name="qwen_image", pretrained="", r_embedder=False,
-                 dtype="bfloat16", param_dtype="bfloat16", remat="dots")
+  c.model = dict(model, pretrained="", r_embedder=False, dtype="bfloat16",
+                 param_dtype="bfloat16", remat="dots")
 
   c.data.source = "arrayrecord_t2i"
   c.data.paths = None
   c.data.latent_shape = (64, 64, 16)            # 512 px
   c.data.latent_dtype = "bfloat16"
-  c.data.latent_shift = 0.0                     # per-channel normalisation done at prep
-  c.data.latent_scale = 1.0
-  c.data.txt_len = 1024                         # max_sequence_length (modeling_qwen_image.py)
-  c.data.txt_dim = 3584
-  c.data.pooled_dim = 3584
   c.data.txt_dtype = "bfloat16"
   c.data.label_dropout = 0.0
   c.data.read_threads = 16
@@ -95,10 +95,21 @@ def get_config(variant: str | None = None):
 
   c.lora.rank = 64
   c.lora.alpha = 64.0
-  c.lora.target_modules = QWEN_LORA_TARGETS
+  c.lora.target_modules = targets
   c.lora.time_input = "t_minus_half_r"
 
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
+  return c
+
+
+def get_config(variant: str | None = None):
+  c = lora_recipe(variant, "qwen_image_twinflow_lora.py", dict(name="qwen_image"),
+                  QWEN_LORA_TARGETS)
+  c.data.latent_shift = 0.0                     # per-channel normalisation done at prep
+  c.data.latent_scale = 1.0
+  c.data.txt_len = 1024                         # max_sequence_length (modeling_qwen_image.py)
+  c.data.txt_dim = 3584
+  c.data.pooled_dim = 3584
   return c

@@ -44,8 +44,25 @@ REMAT_POLICIES = {
 }
 
 
+class RuntimeOptionsMixin:
+  """The jax objects named by a model config's runtime fields `dtype` (compute),
+  `param_dtype` and `remat` (every family's config has them)."""
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def params_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @property
+  def remat_policy(self):
+    return REMAT_POLICIES[self.remat]
+
+
 @dataclasses.dataclass(frozen=True)
-class _TransformerConfig:
+class _TransformerConfig(RuntimeOptionsMixin):
   """Fields shared by DiT and MMDiT (see the subclasses)."""
   name: str = ''
   depth: int = 12
@@ -82,18 +99,6 @@ class _TransformerConfig:
   @property
   def mlp_dim(self) -> int:
     return int(self.hidden_size * self.mlp_ratio)
-
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def params_dtype(self):
-    return DTYPES[self.param_dtype]
-
-  @property
-  def remat_policy(self):
-    return REMAT_POLICIES[self.remat]
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-friendly dict that `resolve_config` turns back into this."""

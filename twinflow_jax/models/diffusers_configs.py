@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from twinflow_jax.models.attention import attention_names
-from twinflow_jax.models.configs import DTYPES, REMAT_POLICIES, _check_choice
+from twinflow_jax.models.configs import (DTYPES, REMAT_POLICIES, RuntimeOptionsMixin,
+                                         _check_choice, _check_int)
 
 CONFIG_FILE = 'config.json'
 
@@ -45,6 +46,35 @@ def check_rope_axes(cfg) -> None:
   if sum(axes) != cfg.attention_head_dim:
     raise ValueError(f"model config field 'axes_dims_rope' {tuple(axes)} must "
                      f"sum to 'attention_head_dim' ({cfg.attention_head_dim})")
+
+
+# Positive-int fields of both Flux and Qwen-Image configs.
+_DUAL_STREAM_INTS = ('patch_size', 'in_channels', 'num_layers',
+                     'attention_head_dim', 'num_attention_heads',
+                     'joint_attention_dim')
+
+
+def check_dual_stream_fields(cfg, extra_ints: tuple[str, ...] = ()) -> None:
+  """Validates the architecture ints shared by Flux and Qwen-Image (and
+  `extra_ints`), including the optional `out_channels`."""
+  for f in _DUAL_STREAM_INTS + extra_ints:
+    _check_int(f, getattr(cfg, f))
+  if cfg.out_channels is not None:
+    _check_int('out_channels', cfg.out_channels)
+
+
+def check_packed_channels(cfg, need: str) -> None:
+  """RoPE axes, runtime fields, then the 2x2-packed channel counts.
+
+  `need` ends the error message: what the family supports.
+  """
+  check_rope_axes(cfg)
+  check_runtime_fields(cfg)
+  if cfg.in_channels % 4 or cfg.out_dim != cfg.in_channels:
+    raise ValueError(
+        f"model config fields 'in_channels' ({cfg.in_channels}), "
+        f"'out_channels' ({cfg.out_channels}), 'patch_size' "
+        f'({cfg.patch_size}): {need}')
 
 
 def read_config_json(path: str) -> dict[str, Any]:
@@ -86,7 +116,7 @@ def config_from_dict(cls, d: Mapping[str, Any], family: str):
   return cls(**base)
 
 
-class DiffusersConfigMixin:
+class DiffusersConfigMixin(RuntimeOptionsMixin):
   """Properties of a frozen family config dataclass.
 
   The subclass sets DIFFUSERS_CLASS (diffusers' `_class_name`) and
@@ -102,18 +132,6 @@ class DiffusersConfigMixin:
   @property
   def mlp_dim(self) -> int:
     return 4 * self.hidden_size  # diffusers FeedForward(mult=4)
-
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def params_dtype(self):
-    return DTYPES[self.param_dtype]
-
-  @property
-  def remat_policy(self):
-    return REMAT_POLICIES[self.remat]
 
   @property
   def out_dim(self) -> int:

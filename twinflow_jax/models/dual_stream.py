@@ -15,6 +15,8 @@ Modules are named after diffusers' (`RopeAttention.to_q` is `attn.to_q`,
 to one diffusers tensor and LoRA can wrap each one.
 """
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,7 @@ from twinflow_jax.models.embeddings import (copy_params, timestep_embedding,
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
                                         RMSNorm, layer_norm, modulate,
                                         normal_002)
-from twinflow_jax.models.rope import apply_rope
+from twinflow_jax.models.rope import apply_rope, rope_tables
 from twinflow_jax.models.sharding import constrain
 
 TOKENS = ('activation_batch', 'activation_length', 'activation_embed')
@@ -36,6 +38,7 @@ VEC = ('activation_batch', 'activation_embed')
 NORM_EPS = 1e-6  # LayerNorm and RMSNorm eps of both families
 TIME_SCALE = 1000.0  # network time = 1000 t (diffusers' timestep * 1000)
 FREQ_DIM = 256  # diffusers' Timesteps(num_channels=256)
+ROPE_THETA = 10000.0  # RoPE base of both families
 
 
 class TimestepMLP(nnx.Module):
@@ -218,6 +221,89 @@ def dual_stream_block(img: jax.Array, txt: jax.Array, c: jax.Array, rope,
   txt = txt + t_gate2[:, None] * txt_ff(
       modulate(layer_norm(txt, NORM_EPS), t_shift2, t_scale2))
   return constrain(img, TOKENS), constrain(txt, TOKENS)
+
+
+def dual_stream_parts(cfg, **kw) -> tuple[Modulation, Modulation,
+                                          RopeAttention, FeedForward,
+                                          FeedForward]:
+  """(img_mod, txt_mod, attn, img_ff, txt_ff) of one dual-stream block.
+
+  Created in this order (the order the init RNG streams are drawn); each
+  family stores them under its diffusers names. kw: dtype, param_dtype, rngs.
+  """
+  d = cfg.hidden_size
+  img_mod, txt_mod = Modulation(d, 6, **kw), Modulation(d, 6, **kw)
+  attn = RopeAttention(d, cfg.num_attention_heads, cfg.attention_head_dim,
+                       joint=True, pre_only=False, attention=cfg.attention,
+                       **kw)
+  return (img_mod, txt_mod, attn, FeedForward(d, cfg.mlp_dim, **kw),
+          FeedForward(d, cfg.mlp_dim, **kw))
+
+
+def check_inputs(model: str, cfg, x, t, r, cond, required: set[str],
+                 cond_help: str) -> None:
+  """Shape checks both families share: x_t [B, H, W, C] with even H, W,
+  t, r [B], cond a dict holding `required` (else "`model` cond must be a
+  dict with `cond_help`"), cond['txt'] [B, L, joint_attention_dim] and the
+  optional cond['txt_mask'] [B, L]."""
+  b, c = x.shape[0], cfg.latent_channels
+  if x.ndim != 4 or x.shape[-1] != c or x.shape[1] % 2 or x.shape[2] % 2:
+    raise ValueError(f'{model} expects x_t [B, H, W, {c}] with even H, W; '
+                     f'got {x.shape}')
+  if jnp.shape(t) != (b,) or jnp.shape(r) != (b,):
+    raise ValueError(f'{model} expects t, r of shape [{b}]; got '
+                     f'{jnp.shape(t)}, {jnp.shape(r)}')
+  if not isinstance(cond, Mapping) or not required <= set(cond):
+    raise ValueError(f'{model} cond must be a dict with {cond_help}')
+  txt = cond['txt']
+  if (txt.ndim != 3 or txt.shape[0] != b
+      or txt.shape[2] != cfg.joint_attention_dim):
+    raise ValueError(f"cond['txt'] must be [{b}, L, "
+                     f'{cfg.joint_attention_dim}], got {txt.shape}')
+  mask = cond.get('txt_mask')
+  if mask is not None and mask.shape != txt.shape[:2]:
+    raise ValueError(f"cond['txt_mask'] must be {txt.shape[:2]}, got "
+                     f'{mask.shape}')
+
+
+def joint_rope(ids: np.ndarray, axes_dims: tuple[int, ...]
+               ) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) [T, H/2] tables for position ids [T, 3] of [text | image]."""
+  return tuple(jnp.asarray(a) for a in rope_tables(ids, axes_dims,
+                                                   ROPE_THETA))
+
+
+def joint_key_mask(txt_mask: jax.Array, n_img: int) -> jax.Array:
+  """[B, L] text mask -> [B, L + n_img] key mask, every image token kept."""
+  txt_mask = jnp.asarray(txt_mask, bool)
+  return jnp.concatenate([txt_mask, jnp.ones((txt_mask.shape[0], n_img),
+                                             bool)], axis=1)
+
+
+def dual_stream_flops(cfg, b: int, h: int, w: int, lt: int, *,
+                      time_mlps: int) -> int:
+  """Matmul FLOPs both families share at latent h x w, text length lt.
+
+  `time_mlps` timestep MLPs, the patch and text embeddings, cfg.num_layers
+  dual-stream blocks and the output layer; the family adds the rest.
+  """
+  if h % 2 or w % 2:
+    raise ValueError(f'flops_per_forward: latent size must be even (2x2 '
+                     f'packing), got {h}x{w}')
+  d, m = cfg.hidden_size, cfg.mlp_dim
+  ti = (h // 2) * (w // 2)
+  n = ti + lt
+  total = 2 * b * (FREQ_DIM * d + d * d) * time_mlps
+  total += 2 * b * ti * cfg.in_channels * d + 2 * b * lt * (
+      cfg.joint_attention_dim * d)
+  block = (2 * 2 * b * d * 6 * d  # adaLN, both streams
+           + 2 * b * n * d * 3 * d  # q, k, v
+           + 2 * 2 * b * n * n * d  # q.k^T and p.v
+           + 2 * b * n * d * d  # output projections
+           + 2 * 2 * b * n * d * m)  # MLPs
+  total += cfg.num_layers * block
+  total += 2 * b * d * 2 * d + 2 * b * ti * d * cfg.out_dim
+  return total
 
 
 def output_layer(x: jax.Array, c: jax.Array, norm_out: Modulation,

@@ -47,21 +47,20 @@ from flax import nnx
 from twinflow_jax.models.configs import _check_int
 from twinflow_jax.models.diffusers_configs import (DiffusersConfigMixin,
                                                    check_bool,
-                                                   check_rope_axes,
-                                                   check_runtime_fields,
+                                                   check_dual_stream_fields,
+                                                   check_packed_channels,
                                                    config_from_dict)
-from twinflow_jax.models.dual_stream import (FREQ_DIM, NORM_EPS, TOKENS, VEC,
+from twinflow_jax.models.dual_stream import (NORM_EPS, TOKENS, VEC,
                                              RopeAttention, TimeTextEmbed,
-                                             dual_stream_block,
-                                             make_r_embedder, output_layer,
-                                             run_blocks, twin_time)
-from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
-                                        layer_norm, modulate)
-from twinflow_jax.models.rope import (flux_ids, pack_latents, rope_tables,
-                                      unpack_latents)
+                                             check_inputs, dual_stream_block,
+                                             dual_stream_flops,
+                                             dual_stream_parts, joint_key_mask,
+                                             joint_rope, make_r_embedder,
+                                             output_layer, run_blocks,
+                                             twin_time)
+from twinflow_jax.models.layers import Dense, Modulation, layer_norm, modulate
+from twinflow_jax.models.rope import flux_ids, pack_latents, unpack_latents
 from twinflow_jax.models.sharding import constrain
-
-ROPE_THETA = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,26 +107,16 @@ def resolve_flux_config(model_config: Mapping[str, Any]) -> FluxConfig:
     ValueError: unknown field or invalid value (the message names the field).
   """
   cfg = config_from_dict(FluxConfig, model_config, 'flux')
-  for f in ('patch_size', 'in_channels', 'num_layers', 'attention_head_dim',
-            'num_attention_heads', 'joint_attention_dim',
-            'pooled_projection_dim'):
-    _check_int(f, getattr(cfg, f))
+  check_dual_stream_fields(cfg, extra_ints=('pooled_projection_dim',))
   _check_int('num_single_layers', cfg.num_single_layers, minimum=0)
-  if cfg.out_channels is not None:
-    _check_int('out_channels', cfg.out_channels)
   check_bool('guidance_embeds', cfg.guidance_embeds)
   check_bool('use_txt_mask', cfg.use_txt_mask)
   if not isinstance(cfg.default_guidance, (int, float)):
     raise ValueError("model config field 'default_guidance' must be a number")
-  check_rope_axes(cfg)
-  check_runtime_fields(cfg)
-  if cfg.in_channels % 4 or cfg.out_dim != cfg.in_channels:
-    raise ValueError(
-        f"model config fields 'in_channels' ({cfg.in_channels}), "
-        f"'out_channels' ({cfg.out_channels}), 'patch_size' "
-        f'({cfg.patch_size}): only text-to-image Flux (packed 2x2 latent '
-        'tokens in and out, in_channels = patch_size^2 * out_channels, '
-        'divisible by 4) is supported, not the Fill/Depth/Canny variants')
+  check_packed_channels(
+      cfg, 'only text-to-image Flux (packed 2x2 latent tokens in and out, '
+      'in_channels = patch_size^2 * out_channels, divisible by 4) is '
+      'supported, not the Fill/Depth/Canny variants')
   return cfg
 
 
@@ -135,15 +124,10 @@ class FluxTransformerBlock(nnx.Module):
   """diffusers FluxTransformerBlock (double stream): `dual_stream_block`."""
 
   def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs):
-    d = cfg.hidden_size
-    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
-    self.norm1 = Modulation(d, 6, **kw)
-    self.norm1_context = Modulation(d, 6, **kw)
-    self.attn = RopeAttention(d, cfg.num_attention_heads,
-                              cfg.attention_head_dim, joint=True,
-                              pre_only=False, attention=cfg.attention, **kw)
-    self.ff = FeedForward(d, cfg.mlp_dim, **kw)
-    self.ff_context = FeedForward(d, cfg.mlp_dim, **kw)
+    (self.norm1, self.norm1_context, self.attn, self.ff,
+     self.ff_context) = dual_stream_parts(
+         cfg, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+         rngs=rngs)
 
   def __call__(self, img, txt, c, rope, key_mask):
     """img [B, Ti, D], txt [B, Tt, D], c [B, D] -> (img, txt)."""
@@ -213,29 +197,13 @@ class Flux(nnx.Module):
 
   def _check(self, x, t, r, cond) -> None:
     cfg = self.config
-    b, c = x.shape[0], cfg.latent_channels
-    if x.ndim != 4 or x.shape[-1] != c or x.shape[1] % 2 or x.shape[2] % 2:
-      raise ValueError(f'Flux expects x_t [B, H, W, {c}] with even H, W; got '
-                       f'{x.shape}')
-    if jnp.shape(t) != (b,) or jnp.shape(r) != (b,):
-      raise ValueError(f'Flux expects t, r of shape [{b}]; got '
-                       f'{jnp.shape(t)}, {jnp.shape(r)}')
-    if not isinstance(cond, Mapping) or not {'txt', 'pooled'} <= set(cond):
-      raise ValueError("Flux cond must be a dict with 'txt' [B, L, D_txt], "
-                       "'pooled' [B, P] and optionally 'txt_mask' [B, L], "
-                       "'guidance' [B]")
-    txt, pooled = cond['txt'], cond['pooled']
-    if (txt.ndim != 3 or txt.shape[0] != b
-        or txt.shape[2] != cfg.joint_attention_dim):
-      raise ValueError(f"cond['txt'] must be [{b}, L, "
-                       f'{cfg.joint_attention_dim}], got {txt.shape}')
+    check_inputs('Flux', cfg, x, t, r, cond, {'txt', 'pooled'},
+                 "'txt' [B, L, D_txt], 'pooled' [B, P] and optionally "
+                 "'txt_mask' [B, L], 'guidance' [B]")
+    b, pooled = x.shape[0], cond['pooled']
     if pooled.shape != (b, cfg.pooled_projection_dim):
       raise ValueError(f"cond['pooled'] must be [{b}, "
                        f'{cfg.pooled_projection_dim}], got {pooled.shape}')
-    mask = cond.get('txt_mask')
-    if mask is not None and mask.shape != txt.shape[:2]:
-      raise ValueError(f"cond['txt_mask'] must be {txt.shape[:2]}, got "
-                       f'{mask.shape}')
     g = cond.get('guidance')
     if g is not None:
       if not cfg.guidance_embeds:
@@ -268,18 +236,16 @@ class Flux(nnx.Module):
     """F(x_t, t, r, cond) -> [B, H, W, C] float32 (see module doc)."""
     self._check(x_t, t, r, cond)
     cfg = self.config
-    b, gh, gw = x_t.shape[0], x_t.shape[1] // 2, x_t.shape[2] // 2
+    gh, gw = x_t.shape[1] // 2, x_t.shape[2] // 2
     c = self.time_embedding(t, r, cond)
     img = self.x_embedder(pack_latents(x_t.astype(cfg.compute_dtype)))
     img = constrain(img, TOKENS)
     txt = constrain(self.context_embedder(cond['txt']), TOKENS)
     lt = txt.shape[1]
-    rope = tuple(jnp.asarray(a) for a in rope_tables(
-        flux_ids(gh, gw, lt), cfg.axes_dims_rope, ROPE_THETA))
+    rope = joint_rope(flux_ids(gh, gw, lt), cfg.axes_dims_rope)
     key_mask = None
     if cfg.use_txt_mask and cond.get('txt_mask') is not None:
-      key_mask = jnp.concatenate([jnp.asarray(cond['txt_mask'], bool),
-                                  jnp.ones((b, gh * gw), bool)], axis=1)
+      key_mask = joint_key_mask(cond['txt_mask'], gh * gw)
     img, txt = run_blocks(self.transformer_blocks, cfg.remat_policy,
                           (img, txt), c, rope, key_mask)
     x = constrain(jnp.concatenate([txt, img], axis=1), TOKENS)
@@ -291,25 +257,13 @@ class Flux(nnx.Module):
 
 def flops_per_forward(cfg: FluxConfig, b: int, h: int, w: int, lt: int) -> int:
   """Matmul FLOPs of one forward at latent size h x w, text length lt."""
-  if h % 2 or w % 2:
-    raise ValueError(f'flops_per_forward: latent size must be even (2x2 '
-                     f'packing), got {h}x{w}')
+  total = dual_stream_flops(
+      cfg, b, h, w, lt,
+      time_mlps=1 + int(cfg.r_embedder) + int(cfg.guidance_embeds))
   d, m = cfg.hidden_size, cfg.mlp_dim
-  ti = (h // 2) * (w // 2)
-  n = ti + lt
-  emb = 2 * b * (FREQ_DIM * d + d * d)  # one timestep MLP
-  total = emb * (1 + int(cfg.r_embedder) + int(cfg.guidance_embeds))
+  n = (h // 2) * (w // 2) + lt
   total += 2 * b * (cfg.pooled_projection_dim * d + d * d)
-  total += 2 * b * ti * cfg.in_channels * d + 2 * b * lt * (
-      cfg.joint_attention_dim * d)
-  double = (2 * 2 * b * d * 6 * d  # adaLN, both streams
-            + 2 * b * n * d * 3 * d  # q, k, v
-            + 2 * 2 * b * n * n * d  # q.k^T and p.v
-            + 2 * b * n * d * d  # output projections
-            + 2 * 2 * b * n * d * m)  # MLPs
   single = (2 * b * d * 3 * d + 2 * b * n * d * 3 * d + 2 * 2 * b * n * n * d
             + 2 * b * n * d * m  # proj_mlp
             + 2 * b * n * (d + m) * d)  # proj_out
-  total += cfg.num_layers * double + cfg.num_single_layers * single
-  total += 2 * b * d * 2 * d + 2 * b * ti * d * cfg.out_dim
-  return total
+  return total + cfg.num_single_layers * single

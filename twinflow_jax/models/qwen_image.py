@@ -42,23 +42,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from twinflow_jax.models.configs import _check_int
 from twinflow_jax.models.diffusers_configs import (DiffusersConfigMixin,
                                                    check_bool,
-                                                   check_rope_axes,
-                                                   check_runtime_fields,
+                                                   check_dual_stream_fields,
+                                                   check_packed_channels,
                                                    config_from_dict)
-from twinflow_jax.models.dual_stream import (FREQ_DIM, NORM_EPS, TOKENS, VEC,
-                                             RopeAttention, TimeTextEmbed,
+from twinflow_jax.models.dual_stream import (NORM_EPS, TOKENS, VEC,
+                                             TimeTextEmbed, check_inputs,
                                              dual_stream_block,
-                                             make_r_embedder, output_layer,
-                                             run_blocks, twin_time)
-from twinflow_jax.models.layers import Dense, FeedForward, Modulation, RMSNorm
+                                             dual_stream_flops,
+                                             dual_stream_parts, joint_key_mask,
+                                             joint_rope, make_r_embedder,
+                                             output_layer, run_blocks,
+                                             twin_time)
+from twinflow_jax.models.layers import Dense, Modulation, RMSNorm
 from twinflow_jax.models.rope import (pack_latents, qwen_image_ids,
-                                      rope_tables, unpack_latents)
+                                      unpack_latents)
 from twinflow_jax.models.sharding import constrain
 
-ROPE_THETA = 10000.0
 # config.json switches of later Qwen-Image variants (Edit-2511, Layered);
 # the text-to-image model has them all off.
 _UNSUPPORTED_SWITCHES = ('guidance_embeds', 'zero_cond_t',
@@ -109,25 +110,16 @@ def resolve_qwen_image_config(
     ValueError: unknown field or invalid value (the message names the field).
   """
   cfg = config_from_dict(QwenImageConfig, model_config, 'qwen_image')
-  for f in ('patch_size', 'in_channels', 'num_layers', 'attention_head_dim',
-            'num_attention_heads', 'joint_attention_dim'):
-    _check_int(f, getattr(cfg, f))
-  if cfg.out_channels is not None:
-    _check_int('out_channels', cfg.out_channels)
+  check_dual_stream_fields(cfg)
   for f in _UNSUPPORTED_SWITCHES:
     check_bool(f, getattr(cfg, f))
     if getattr(cfg, f):
       raise ValueError(f'model config field {f!r} is true: only the '
                        'text-to-image Qwen-Image (all of '
                        f'{_UNSUPPORTED_SWITCHES} false) is supported')
-  check_rope_axes(cfg)
-  check_runtime_fields(cfg)
-  if cfg.in_channels % 4 or cfg.out_dim != cfg.in_channels:
-    raise ValueError(
-        f"model config fields 'in_channels' ({cfg.in_channels}), "
-        f"'out_channels' ({cfg.out_channels}), 'patch_size' "
-        f'({cfg.patch_size}): packed 2x2 latent tokens in and out need '
-        'in_channels = patch_size^2 * out_channels, divisible by 4')
+  check_packed_channels(
+      cfg, 'packed 2x2 latent tokens in and out need in_channels = '
+      'patch_size^2 * out_channels, divisible by 4')
   return cfg
 
 
@@ -135,15 +127,10 @@ class QwenImageTransformerBlock(nnx.Module):
   """diffusers QwenImageTransformerBlock: `dual_stream_block`."""
 
   def __init__(self, cfg: QwenImageConfig, *, rngs: nnx.Rngs):
-    d = cfg.hidden_size
-    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
-    self.img_mod = Modulation(d, 6, **kw)
-    self.txt_mod = Modulation(d, 6, **kw)
-    self.attn = RopeAttention(d, cfg.num_attention_heads,
-                              cfg.attention_head_dim, joint=True,
-                              pre_only=False, attention=cfg.attention, **kw)
-    self.img_mlp = FeedForward(d, cfg.mlp_dim, **kw)
-    self.txt_mlp = FeedForward(d, cfg.mlp_dim, **kw)
+    (self.img_mod, self.txt_mod, self.attn, self.img_mlp,
+     self.txt_mlp) = dual_stream_parts(
+         cfg, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+         rngs=rngs)
 
   def __call__(self, img, txt, c, rope, key_mask):
     """img [B, Ti, D], txt [B, Tt, D], c [B, D] -> (img, txt)."""
@@ -180,26 +167,8 @@ class QwenImage(nnx.Module):
     self.proj_out = Dense(d, cfg.out_dim, ('embed', 'patch'), **kw)
 
   def _check(self, x, t, r, cond) -> None:
-    cfg = self.config
-    b, c = x.shape[0], cfg.latent_channels
-    if x.ndim != 4 or x.shape[-1] != c or x.shape[1] % 2 or x.shape[2] % 2:
-      raise ValueError(f'QwenImage expects x_t [B, H, W, {c}] with even H, W;'
-                       f' got {x.shape}')
-    if jnp.shape(t) != (b,) or jnp.shape(r) != (b,):
-      raise ValueError(f'QwenImage expects t, r of shape [{b}]; got '
-                       f'{jnp.shape(t)}, {jnp.shape(r)}')
-    if not isinstance(cond, Mapping) or 'txt' not in cond:
-      raise ValueError("QwenImage cond must be a dict with 'txt' [B, L, D_txt]"
-                       " and optionally 'txt_mask' [B, L]")
-    txt = cond['txt']
-    if (txt.ndim != 3 or txt.shape[0] != b
-        or txt.shape[2] != cfg.joint_attention_dim):
-      raise ValueError(f"cond['txt'] must be [{b}, L, "
-                       f'{cfg.joint_attention_dim}], got {txt.shape}')
-    mask = cond.get('txt_mask')
-    if mask is not None and mask.shape != txt.shape[:2]:
-      raise ValueError(f"cond['txt_mask'] must be {txt.shape[:2]}, got "
-                       f'{mask.shape}')
+    check_inputs('QwenImage', self.config, x, t, r, cond, {'txt'},
+                 "'txt' [B, L, D_txt] and optionally 'txt_mask' [B, L]")
 
   def time_embedding(self, t: jax.Array, r: jax.Array) -> jax.Array:
     """temb [B, D] = E(1000 t) + (t - r) E_2(1000 r) (official wrapper)."""
@@ -216,7 +185,7 @@ class QwenImage(nnx.Module):
     """F(x_t, t, r, cond) -> [B, H, W, C] float32 (see module doc)."""
     self._check(x_t, t, r, cond)
     cfg = self.config
-    b, gh, gw = x_t.shape[0], x_t.shape[1] // 2, x_t.shape[2] // 2
+    gh, gw = x_t.shape[1] // 2, x_t.shape[2] // 2
     c = self.time_embedding(t, r)
     img = self.img_in(pack_latents(x_t.astype(cfg.compute_dtype)))
     img = constrain(img, TOKENS)
@@ -225,12 +194,10 @@ class QwenImage(nnx.Module):
                     TOKENS)
     lt = txt.shape[1]
     img_ids, txt_ids = qwen_image_ids(gh, gw, lt)
-    rope = tuple(jnp.asarray(a) for a in rope_tables(
-        np.concatenate([txt_ids, img_ids]), cfg.axes_dims_rope, ROPE_THETA))
+    rope = joint_rope(np.concatenate([txt_ids, img_ids]), cfg.axes_dims_rope)
     key_mask = None
     if cond.get('txt_mask') is not None:
-      key_mask = jnp.concatenate([jnp.asarray(cond['txt_mask'], bool),
-                                  jnp.ones((b, gh * gw), bool)], axis=1)
+      key_mask = joint_key_mask(cond['txt_mask'], gh * gw)
     img, _ = run_blocks(self.transformer_blocks, cfg.remat_policy, (img, txt),
                         c, rope, key_mask)
     out = output_layer(img, c, self.norm_out, self.proj_out)
@@ -240,20 +207,4 @@ class QwenImage(nnx.Module):
 def flops_per_forward(cfg: QwenImageConfig, b: int, h: int, w: int,
                       lt: int) -> int:
   """Matmul FLOPs of one forward at latent size h x w, text length lt."""
-  if h % 2 or w % 2:
-    raise ValueError(f'flops_per_forward: latent size must be even (2x2 '
-                     f'packing), got {h}x{w}')
-  d, m = cfg.hidden_size, cfg.mlp_dim
-  ti = (h // 2) * (w // 2)
-  n = ti + lt
-  total = 2 * b * (FREQ_DIM * d + d * d) * (1 + int(cfg.r_embedder))
-  total += 2 * b * ti * cfg.in_channels * d + 2 * b * lt * (
-      cfg.joint_attention_dim * d)
-  block = (2 * 2 * b * d * 6 * d  # adaLN, both streams
-           + 2 * b * n * d * 3 * d  # q, k, v
-           + 2 * 2 * b * n * n * d  # q.k^T and p.v
-           + 2 * b * n * d * d  # output projections
-           + 2 * 2 * b * n * d * m)  # MLPs
-  total += cfg.num_layers * block
-  total += 2 * b * d * 2 * d + 2 * b * ti * d * cfg.out_dim
-  return total
+  return dual_stream_flops(cfg, b, h, w, lt, time_mlps=1 + int(cfg.r_embedder))

@@ -31,9 +31,7 @@ configs run without it: `aux_time_embed: false`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +41,9 @@ import numpy as np
 from flax import nnx
 
 from twinflow_jax.models.attention import attention_names, dot_product_attention
-from twinflow_jax.models.configs import DTYPES, REMAT_POLICIES
+from twinflow_jax.models.configs import (DTYPES, REMAT_POLICIES, RuntimeOptionsMixin,
+                                         _check_int)
+from twinflow_jax.models.diffusers_configs import read_config_json
 from twinflow_jax.models.embeddings import patchify, timestep_embedding, unpatchify
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation, RMSNorm,
                                         layer_norm, modulate, normal_002, zeros)
@@ -53,7 +53,6 @@ TOKENS = ('activation_batch', 'activation_length', 'activation_embed')
 HEADS = ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv')
 VEC = ('activation_batch', 'activation_embed')
 TIME_SCALE = 1000.0  # SD3 network timesteps are 1000 sigma
-CONFIG_FILE = 'config.json'
 
 # Fields of diffusers' SD3Transformer2DModel config.json that shape the network.
 DIFFUSERS_FIELDS = ('sample_size', 'patch_size', 'in_channels', 'num_layers',
@@ -63,7 +62,7 @@ DIFFUSERS_FIELDS = ('sample_size', 'patch_size', 'in_channels', 'num_layers',
 
 
 @dataclasses.dataclass(frozen=True)
-class SD3Config:
+class SD3Config(RuntimeOptionsMixin):
   """SD3 transformer config: diffusers' fields plus twinflow_jax runtime options.
 
   The architecture fields have diffusers' names and defaults. Runtime fields: dtype
@@ -105,18 +104,6 @@ class SD3Config:
   def mlp_dim(self) -> int:
     return 4 * self.inner_dim  # diffusers FeedForward, mult=4
 
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def params_dtype(self):
-    return DTYPES[self.param_dtype]
-
-  @property
-  def remat_policy(self):
-    return REMAT_POLICIES[self.remat]
-
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d['dual_attention_layers'] = list(d['dual_attention_layers'])
@@ -127,18 +114,6 @@ class SD3Config:
     d = {f: getattr(self, f) for f in DIFFUSERS_FIELDS}
     d['dual_attention_layers'] = list(d['dual_attention_layers'])
     return d
-
-
-def read_diffusers_config(path: str) -> dict[str, Any]:
-  """DIR/config.json (or the file itself) of a diffusers model -> dict."""
-  file = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f'no diffusers {CONFIG_FILE} at {path}')
-  with open(file) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{file}: not valid JSON ({e})') from e
 
 
 def _check(cond: bool, field: str, msg: str) -> None:
@@ -156,7 +131,7 @@ def resolve_sd3_config(model_config: Mapping[str, Any]) -> SD3Config:
   fields = {f.name for f in dataclasses.fields(SD3Config)}
   base = {}
   if d.get('pretrained'):
-    src = read_diffusers_config(d['pretrained'])
+    src = read_config_json(d['pretrained'])
     base = {k: v for k, v in src.items() if k in DIFFUSERS_FIELDS}
   unknown = sorted(set(d) - fields)
   if unknown:
@@ -171,9 +146,7 @@ def resolve_sd3_config(model_config: Mapping[str, Any]) -> SD3Config:
   for f in ('sample_size', 'patch_size', 'in_channels', 'num_layers', 'attention_head_dim',
             'num_attention_heads', 'joint_attention_dim', 'caption_projection_dim',
             'pooled_projection_dim', 'pos_embed_max_size'):
-    v = getattr(cfg, f)
-    _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f,
-           f'must be an int >= 1, got {v!r}')
+    _check_int(f, getattr(cfg, f))
   _check(cfg.out_channels is None or (isinstance(cfg.out_channels, int)
                                       and cfg.out_channels >= 1), 'out_channels',
          f'must be None or an int >= 1, got {cfg.out_channels!r}')

@@ -172,6 +172,25 @@ def single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 # Config.
 
 
+def config_fields(cls: type, config: Mapping[str, Any],
+                  tuple_fields: Sequence[str]) -> dict[str, Any]:
+  """The entries of a diffusers config.json dict that are fields of the dataclass `cls`,
+  the (JSON list) `tuple_fields` as tuples."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  kw = {k: v for k, v in config.items() if k in fields}
+  for k in tuple_fields:
+    if kw.get(k) is not None:
+      kw[k] = tuple(kw[k])
+  return kw
+
+
+def check_run_options(cfg: Any) -> None:
+  """Validates the run options (dtype, param_dtype, attention) of a VAE config."""
+  _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+  if cfg.attention not in attention_names():
+    raise ValueError(f'VAE attention {cfg.attention!r} not in {attention_names()}')
+
+
 @dataclasses.dataclass(frozen=True)
 class AutoencoderKLConfig:
   """diffusers `AutoencoderKL` config fields that shape the network, plus run options.
@@ -210,11 +229,7 @@ class AutoencoderKLConfig:
         raise ValueError(f'VAE config {key} has {bad}; only {allowed} is supported')
     if config.get('act_fn', 'silu') != 'silu':
       raise ValueError(f"VAE config act_fn={config['act_fn']!r}; only 'silu' is supported")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in config.items() if k in fields}
-    for k in ('block_out_channels', 'latents_mean', 'latents_std'):
-      if kw.get(k) is not None:
-        kw[k] = tuple(kw[k])
+    kw = config_fields(cls, config, ('block_out_channels', 'latents_mean', 'latents_std'))
     n = len(kw.get('block_out_channels', cls.block_out_channels))
     for key in ('down_block_types', 'up_block_types'):
       if key in config and len(config[key]) != n:
@@ -225,9 +240,7 @@ class AutoencoderKLConfig:
     return cfg
 
   def validate(self) -> None:
-    _dtype(self.dtype), _dtype(self.param_dtype)
-    if self.attention not in attention_names():
-      raise ValueError(f'VAE attention {self.attention!r} not in {attention_names()}')
+    check_run_options(self)
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
         raise ValueError(f'VAE block_out_channels {self.block_out_channels} are not all '
@@ -256,14 +269,15 @@ class AutoencoderKLConfig:
 # Blocks.
 
 
-class ResnetBlock2D(nnx.Module):
-  """GroupNorm -> SiLU -> conv3x3 -> GroupNorm -> SiLU -> conv3x3, plus a (1x1) skip."""
+class NormConvResidual(nnx.Module):
+  """norm1 -> SiLU -> conv3x3 -> norm2 -> SiLU -> conv3x3, plus a 1x1 skip when the
+  widths differ: the residual block of both VAEs, `norm(channels)` making the norm."""
 
-  def __init__(self, c_in: int, c_out: int, groups: int, *, kw: dict, rngs: nnx.Rngs):
-    pd = kw['param_dtype']
-    self.norm1 = GroupNorm(c_in, groups, param_dtype=pd)
+  def __init__(self, c_in: int, c_out: int, norm: Callable[[int], nnx.Module], *,
+               kw: dict, rngs: nnx.Rngs):
+    self.norm1 = norm(c_in)
     self.conv1 = Conv2d(c_in, c_out, 3, **kw, rngs=rngs)
-    self.norm2 = GroupNorm(c_out, groups, param_dtype=pd)
+    self.norm2 = norm(c_out)
     self.conv2 = Conv2d(c_out, c_out, 3, **kw, rngs=rngs)
     self.conv_shortcut = (Conv2d(c_in, c_out, 1, **kw, rngs=rngs) if c_in != c_out
                           else None)
@@ -273,6 +287,15 @@ class ResnetBlock2D(nnx.Module):
     h = self.conv2(jax.nn.silu(self.norm2(h)))
     skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
     return constrain(skip.astype(h.dtype) + h, IMAGE_AXES)
+
+
+class ResnetBlock2D(NormConvResidual):
+  """diffusers `ResnetBlock2D` of the VAE: `NormConvResidual` with GroupNorms."""
+
+  def __init__(self, c_in: int, c_out: int, groups: int, *, kw: dict, rngs: nnx.Rngs):
+    super().__init__(c_in, c_out,
+                     lambda c: GroupNorm(c, groups, param_dtype=kw['param_dtype']),
+                     kw=kw, rngs=rngs)
 
 
 class SpatialAttention(nnx.Module):
@@ -296,21 +319,27 @@ class SpatialAttention(nnx.Module):
 
 
 class MidBlock(nnx.Module):
-  """resnet, (attention, resnet): `UNetMidBlock2D` with one layer."""
+  """resnet, (attention, resnet): `UNetMidBlock2D` with one layer, and the Qwen-Image
+  VAE's mid block. The factories make the blocks, in that order (resnets first)."""
 
-  def __init__(self, channels: int, groups: int, add_attention: bool, *, impl: str,
-               kw: dict, rngs: nnx.Rngs):
-    self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, kw=kw, rngs=rngs)
-                             for _ in range(2)])
-    self.attentions = nnx.List(
-        [SpatialAttention(channels, groups, impl=impl, kw=kw, rngs=rngs)]
-        if add_attention else [])
+  def __init__(self, resnet: Callable[[], nnx.Module],
+               attention: Callable[[], nnx.Module] | None):
+    self.resnets = nnx.List([resnet() for _ in range(2)])
+    self.attentions = nnx.List([attention()] if attention is not None else [])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.resnets[0](x)
     if len(self.attentions):
       x = self.attentions[0](x)
     return self.resnets[1](x)
+
+
+def _mid_block(cfg: AutoencoderKLConfig, channels: int, *, kw: dict,
+               rngs: nnx.Rngs) -> MidBlock:
+  g = cfg.norm_num_groups
+  attention = (lambda: SpatialAttention(channels, g, impl=cfg.attention, kw=kw, rngs=rngs))
+  return MidBlock(lambda: ResnetBlock2D(channels, channels, g, kw=kw, rngs=rngs),
+                  attention if cfg.mid_block_add_attention else None)
 
 
 class DownBlock(nnx.Module):
@@ -358,8 +387,7 @@ class Encoder(nnx.Module):
     self.down_blocks = nnx.List([
         DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g,
                   i < len(ch) - 1, kw=kw, rngs=rngs) for i in range(len(ch))])
-    self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention,
-                              impl=cfg.attention, kw=kw, rngs=rngs)
+    self.mid_block = _mid_block(cfg, ch[-1], kw=kw, rngs=rngs)
     self.conv_norm_out = GroupNorm(ch[-1], g, param_dtype=kw['param_dtype'])
     self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, **kw, rngs=rngs)
 
@@ -377,8 +405,7 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: AutoencoderKLConfig, *, kw: dict, rngs: nnx.Rngs):
     ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
     self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, **kw, rngs=rngs)
-    self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention,
-                              impl=cfg.attention, kw=kw, rngs=rngs)
+    self.mid_block = _mid_block(cfg, ch[0], kw=kw, rngs=rngs)
     self.up_blocks = nnx.List([
         UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g,
                 i < len(ch) - 1, kw=kw, rngs=rngs) for i in range(len(ch))])

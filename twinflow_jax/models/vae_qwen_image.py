@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from twinflow_jax.models.attention import attention_names
 from twinflow_jax.models.sharding import constrain
-from twinflow_jax.models.vae import (IMAGE_AXES, Conv2d, _dtype, single_head_attention,
-                                     split_moments, upsample_nearest_2x)
+from twinflow_jax.models.vae import (IMAGE_AXES, Conv2d, MidBlock, NormConvResidual,
+                                     _dtype, check_run_options, config_fields,
+                                     single_head_attention, split_moments,
+                                     upsample_nearest_2x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +60,8 @@ class QwenImageVAEConfig:
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any], **options) -> QwenImageVAEConfig:
     """Reads a diffusers `AutoencoderKLQwenImage` config.json dict."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in config.items() if k in fields}
-    for k in ('dim_mult', 'attn_scales', 'temperal_downsample', 'latents_mean',
-              'latents_std'):
-      if kw.get(k) is not None:
-        kw[k] = tuple(kw[k])
+    kw = config_fields(cls, config, ('dim_mult', 'attn_scales', 'temperal_downsample',
+                                     'latents_mean', 'latents_std'))
     if config.get('non_linearity', 'silu') != 'silu':
       raise ValueError('VAE config non_linearity must be silu')
     for k in ('latents_mean', 'latents_std'):
@@ -76,9 +73,7 @@ class QwenImageVAEConfig:
     return cfg
 
   def validate(self) -> None:
-    _dtype(self.dtype), _dtype(self.param_dtype)
-    if self.attention not in attention_names():
-      raise ValueError(f'VAE attention {self.attention!r} not in {attention_names()}')
+    check_run_options(self)
     if self.attn_scales:
       # diffusers' QwenImageEncoder3d cannot run these either (its attention block
       # does not take the feature cache), and released checkpoints have none.
@@ -122,22 +117,12 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-class ResidualBlock(nnx.Module):
+class ResidualBlock(NormConvResidual):
   """RMS -> SiLU -> conv3 -> RMS -> SiLU -> conv3, plus a 1x1 skip when widths differ."""
 
   def __init__(self, c_in: int, c_out: int, *, kw: dict, rngs: nnx.Rngs):
-    pd = kw['param_dtype']
-    self.norm1 = RMSNorm(c_in, param_dtype=pd)
-    self.conv1 = Conv2d(c_in, c_out, 3, **kw, rngs=rngs)
-    self.norm2 = RMSNorm(c_out, param_dtype=pd)
-    self.conv2 = Conv2d(c_out, c_out, 3, **kw, rngs=rngs)
-    self.conv_shortcut = Conv2d(c_in, c_out, 1, **kw, rngs=rngs) if c_in != c_out else None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
-    h = self.conv2(jax.nn.silu(self.norm2(h)))
-    return constrain(h + skip.astype(h.dtype), IMAGE_AXES)
+    super().__init__(c_in, c_out, lambda c: RMSNorm(c, param_dtype=kw['param_dtype']),
+                     kw=kw, rngs=rngs)
 
 
 class AttentionBlock(nnx.Module):
@@ -157,15 +142,10 @@ class AttentionBlock(nnx.Module):
     return x + self.proj(out).astype(x.dtype)
 
 
-class MidBlock(nnx.Module):
-
-  def __init__(self, channels: int, *, impl: str, kw: dict, rngs: nnx.Rngs):
-    self.resnets = nnx.List([ResidualBlock(channels, channels, kw=kw, rngs=rngs)
-                             for _ in range(2)])
-    self.attentions = nnx.List([AttentionBlock(channels, impl=impl, kw=kw, rngs=rngs)])
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+def _mid_block(channels: int, *, impl: str, kw: dict, rngs: nnx.Rngs) -> MidBlock:
+  """resnet, attention, resnet (`vae.MidBlock`)."""
+  return MidBlock(lambda: ResidualBlock(channels, channels, kw=kw, rngs=rngs),
+                  lambda: AttentionBlock(channels, impl=impl, kw=kw, rngs=rngs))
 
 
 class Downsample(nnx.Module):
@@ -204,7 +184,7 @@ class Encoder(nnx.Module):
       if i != len(cfg.dim_mult) - 1:
         layers.append(Downsample(c_out, kw=kw, rngs=rngs))
     self.down_blocks = nnx.List(layers)
-    self.mid_block = MidBlock(dims[-1], impl=cfg.attention, kw=kw, rngs=rngs)
+    self.mid_block = _mid_block(dims[-1], impl=cfg.attention, kw=kw, rngs=rngs)
     self.norm_out = RMSNorm(dims[-1], param_dtype=kw['param_dtype'])
     self.conv_out = Conv2d(dims[-1], 2 * cfg.z_dim, 3, **kw, rngs=rngs)
 
@@ -238,7 +218,7 @@ class Decoder(nnx.Module):
     mult = tuple(cfg.dim_mult)
     dims = [cfg.base_dim * u for u in (mult[-1],) + mult[::-1]]
     self.conv_in = Conv2d(cfg.z_dim, dims[0], 3, **kw, rngs=rngs)
-    self.mid_block = MidBlock(dims[0], impl=cfg.attention, kw=kw, rngs=rngs)
+    self.mid_block = _mid_block(dims[0], impl=cfg.attention, kw=kw, rngs=rngs)
     blocks = []
     for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
       # Each upsampler halves the width, so later blocks start from half.

@@ -45,6 +45,7 @@ from flax.core import spmd as core_spmd
 
 from twinflow_jax.models.convert.safetensors_io import (SafetensorsFolder, TensorOut,
                                                          write_safetensors_folder)
+from twinflow_jax.models.diffusers_configs import read_config_json
 from twinflow_jax.models.param_tree import flatten, path_name, unflatten
 from twinflow_jax.models.sharding import DEFAULT_LOGICAL_AXIS_RULES
 
@@ -225,6 +226,45 @@ def standard_param_key(path: tuple, renames: Sequence[tuple[str, str]] = ()
                    'LoRA factors must be merged into the base weights before export')
 
 
+R_EMBEDDER = 'time_text_embed_2'  # the official wrappers' TwinFlow r-embedder module
+
+
+def r_embedder_family(name: str, class_names: tuple[str, ...], config_type: type,
+                      renames: Sequence[tuple[str, str]]) -> DiffusersFamily:
+  """A family named by `standard_param_key(path, renames)` whose TwinFlow r-embedder
+  `time_text_embed_2` (Flux, Qwen-Image) may be absent from a base checkpoint.
+
+  With `r_embedder_init` 'copy', an absent r-embedder tensor is read from the same
+  tensor of `time_text_embed` (the official `init_time_embed_2_weights`). The model
+  config takes `config_type.DIFFUSERS_FIELDS` from config.json; export writes
+  `cfg.diffusers_config()`.
+  """
+
+  def param_key(cfg: Any, path: tuple) -> tuple[str, Transform]:
+    del cfg
+    return standard_param_key(path, renames)
+
+  def init_from(cfg: Any, path: tuple) -> str | None:
+    names = [str(p) for p in path if str(p) != 'base_module']
+    if cfg.r_embedder_init != 'copy' or names[0] != R_EMBEDDER:
+      return None
+    key, _ = param_key(cfg, ('time_text_embed',) + tuple(path[1:]))
+    return key
+
+  def optional(cfg: Any, path: tuple) -> bool:
+    del cfg
+    return str(path[0]) == R_EMBEDDER
+
+  def model_config(dcfg: Mapping[str, Any]) -> dict[str, Any]:
+    out = {'name': name}
+    out.update({k: dcfg[k] for k in config_type.DIFFUSERS_FIELDS if k in dcfg})
+    return out
+
+  return DiffusersFamily(name=name, class_names=class_names, model_config=model_config,
+                         diffusers_config=lambda cfg: cfg.diffusers_config(),
+                         param_key=param_key, optional=optional, init_from=init_from)
+
+
 # ---------------------------------------------------------------------------------------
 # Folders and configs.
 
@@ -242,11 +282,7 @@ def read_config(path: str) -> dict[str, Any]:
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(file):
     raise FileNotFoundError(f'{path} is not a diffusers model folder: no {CONFIG_FILE}')
-  with open(file) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{file}: not valid JSON ({e})') from e
+  return read_config_json(file)
 
 
 def family_for(diffusers_cfg: Mapping[str, Any], path: str = '') -> DiffusersFamily:

@@ -13,10 +13,6 @@ it; it is then initialised by `r_embedder_init` ('copy', the official
 `init_time_embed_2_weights`: from the checkpoint's `time_text_embed`).
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 from twinflow_jax.models import qwen_image
 from twinflow_jax.models.convert import diffusers as dlib
 
@@ -26,47 +22,9 @@ RENAMES = (
     (r'\.(img_mlp|txt_mlp)\.fc1$', r'.\1.net.0.proj'),
     (r'\.(img_mlp|txt_mlp)\.fc2$', r'.\1.net.2'),
 )
-R_EMBEDDER = 'time_text_embed_2'
 
-
-def param_key(cfg: qwen_image.QwenImageConfig, path: tuple
-              ) -> tuple[str, dlib.Transform]:
-  """Parameter path -> (diffusers key, layout transform)."""
-  del cfg
-  return dlib.standard_param_key(path, RENAMES)
-
-
-def init_from(cfg: qwen_image.QwenImageConfig, path: tuple) -> str | None:
-  """'copy' init of an absent r-embedder: read the time embedder's tensor."""
-  names = [str(p) for p in path if str(p) != 'base_module']
-  if cfg.r_embedder_init != 'copy' or names[0] != R_EMBEDDER:
-    return None
-  key, _ = param_key(cfg, ('time_text_embed',) + tuple(path[1:]))
-  return key
-
-
-def optional(cfg: qwen_image.QwenImageConfig, path: tuple) -> bool:
-  """The r-embedder may be absent (a base Qwen-Image checkpoint)."""
-  del cfg
-  return str(path[0]) == R_EMBEDDER
-
-
-def model_config(dcfg: dict[str, Any]) -> dict[str, Any]:
-  """diffusers config.json -> our model config dict."""
-  out = {'name': 'qwen_image'}
-  out.update({k: dcfg[k] for k in qwen_image.QwenImageConfig.DIFFUSERS_FIELDS
-              if k in dcfg})
-  return out
-
-
-FAMILY = dlib.DiffusersFamily(
-    name='qwen_image',
-    class_names=('QwenImageTransformer2DModel',
-                 'QwenImageTransformer2DModelWrapper'),
-    model_config=model_config,
-    diffusers_config=lambda cfg: cfg.diffusers_config(),
-    param_key=param_key,
-    optional=optional,
-    init_from=init_from,
-)
+FAMILY = dlib.r_embedder_family(
+    'qwen_image',
+    ('QwenImageTransformer2DModel', 'QwenImageTransformer2DModelWrapper'),
+    qwen_image.QwenImageConfig, RENAMES)
 dlib.register_family(FAMILY)

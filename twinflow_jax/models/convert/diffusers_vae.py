@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import struct
 from typing import Any
 
 import jax
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from twinflow_jax.models.convert.safetensors_io import read_header
 from twinflow_jax.models.param_tree import flatten, unflatten
 from twinflow_jax.models.vae import AutoencoderKLConfig, create_vae
 from twinflow_jax.models.vae_qwen_image import QwenImageVAEConfig
@@ -111,18 +111,8 @@ class SafetensorsReader:
 
 
 def _read_header(path: str) -> dict[str, Any]:
-  with open(path, 'rb') as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise VaeFolderError(f'{path}: too short to be a safetensors file')
-    (n,) = struct.unpack('<Q', head)
-    if n > os.path.getsize(path) - 8:
-      raise VaeFolderError(f'{path}: not a safetensors file (header length {n})')
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:
-      raise VaeFolderError(f'{path}: bad safetensors header ({e})') from e
-  header['__header_len__'] = n
+  header, offset = read_header(path, VaeFolderError)
+  header['__header_len__'] = offset - 8
   return header
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from twinflow_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from twinflow_jax.models.convert.safetensors_io import read_header
 from twinflow_jax.models.param_tree import flatten, path_name, unflatten
 from twinflow_jax.models.qwen2_text import Qwen2TextConfig, Qwen2TextModel
 from twinflow_jax.models.sharding import DEFAULT_LOGICAL_AXIS_RULES
@@ -101,19 +101,9 @@ class SafetensorsFolder:
 
 
 def _read_header(path: str) -> dict[str, Any]:
-  with open(path, 'rb') as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise ValueError(f'{path}: too short to be a safetensors file')
-    (n,) = struct.unpack('<Q', head)
-    if n > os.path.getsize(path) - 8:
-      raise ValueError(f'{path}: safetensors header length {n} exceeds the file')
-    try:
-      header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f'{path}: bad safetensors header ({e})') from e
+  header, offset = read_header(path)
   header.pop('__metadata__', None)
-  header['__offset__'] = 8 + n
+  header['__offset__'] = offset
   return header
 
 

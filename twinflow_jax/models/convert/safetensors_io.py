@@ -33,19 +33,22 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_SUFFIX = '.safetensors.index.json'
 
 
-def _header(path: str) -> tuple[dict, int]:
-  """(JSON header, byte offset of the data section) of a .safetensors file."""
+def read_header(path: str, error: type[ValueError] = ValueError) -> tuple[dict, int]:
+  """(JSON header, byte offset of the data section) of a .safetensors file.
+
+  A file that is not one raises `error` (a ValueError type) naming the file.
+  """
   with open(path, 'rb') as f:
     head = f.read(8)
     if len(head) < 8:
-      raise ValueError(f'{path}: too short to be a safetensors file')
+      raise error(f'{path}: too short to be a safetensors file')
     (n,) = struct.unpack('<Q', head)
     if n > os.path.getsize(path) - 8:
-      raise ValueError(f'{path}: safetensors header length {n} exceeds the file')
+      raise error(f'{path}: safetensors header length {n} exceeds the file')
     try:
       return json.loads(f.read(n)), 8 + n
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}: bad safetensors JSON header ({e})') from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      raise error(f'{path}: bad safetensors header ({e})') from e
 
 
 class SafetensorsFolder:
@@ -85,7 +88,7 @@ class SafetensorsFolder:
     self._handles = {}
     self._info = {}  # key -> (file name, dtype, shape, absolute data offset)
     for name, file in files.items():
-      header, data_start = _header(file)
+      header, data_start = read_header(file)
       for key, info in header.items():
         if key == '__metadata__':
           continue
