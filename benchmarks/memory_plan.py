@@ -203,30 +203,63 @@ def shard_bytes(shape, dtype, spec, mesh_shape: dict[str, int]) -> tuple[int, bo
   return n * np.dtype(dtype).itemsize, even
 
 
-def tree_bytes(tree, specs, mesh_shape) -> tuple[int, list[str]]:
-  """Per-device bytes of a tree of ShapeDtypeStructs with a matching tree of specs."""
+def tree_bytes(tree, specs, mesh_shape, *, max_itemsize: int | None = None,
+               only_axis: str | None = None) -> tuple[int, list[str]]:
+  """Per-device bytes of a tree of ShapeDtypeStructs with a matching tree of specs.
+
+  max_itemsize caps each element's size (e.g. weights gathered in the compute dtype);
+  only_axis counts only the leaves that the spec shards over that mesh axis.
+  """
   import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   flat_specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
   total, uneven = 0, []
   for (path, leaf), spec in zip(flat, flat_specs, strict=True):
-    b, even = shard_bytes(leaf.shape, leaf.dtype, spec, mesh_shape)
+    if only_axis is not None and not any(
+        a == only_axis or (isinstance(a, tuple) and only_axis in a) for a in spec):
+      continue
+    dtype = leaf.dtype
+    if max_itemsize is not None and np.dtype(dtype).itemsize > max_itemsize:
+      dtype = {2: np.float16, 4: np.float32}[max_itemsize]
+    b, even = shard_bytes(leaf.shape, dtype, spec, mesh_shape)
     total += b
     if not even:
       uneven.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {spec}")
   return total, uneven
 
 
-def _saved_residual_bytes(fn, *args) -> int:
-  """Bytes of what the backward of fn(*args) keeps, arguments excluded (JAX level)."""
+def _saved_residual_bytes(fn, *args, heads: int = 0, head_dim: int = 0,
+                          mlp_dims: frozenset[int] = frozenset()):
+  """Bytes of what the backward of fn(*args) keeps, arguments excluded (JAX level).
+
+  Returns [other, per-head, MLP-hidden] bytes (a numpy vector): residuals whose trailing
+  axes are (heads, ..., head_dim) or whose last axis is an MLP hidden width are the ones
+  the 'activation_heads' / 'activation_mlp' rules split over the tensor axis.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top
-  total = 0
+  total = np.zeros(3, np.int64)
   for aval, why in ad_checkpoint.saved_residuals(fn, *args):
     if "argument" in why:   # parameters and inputs: live anyway
       continue
-    total += aval.size * aval.dtype.itemsize
+    shape = tuple(aval.shape)
+    kind = 0
+    if len(shape) >= 3 and shape[-1] in mlp_dims:
+      kind = 2
+    elif heads and len(shape) >= 3 and shape[-1] in (head_dim, 1) and heads in shape[1:-1]:
+      kind = 1
+    total[kind] += aval.size * aval.dtype.itemsize
   return total
+
+
+def _tensor_share(parts, tensor: int, heads: int, mlp_dims) -> int:
+  """Per-device bytes of [other, per-head, MLP] residuals under `tensor`-way sharding
+  (a dimension the axis does not divide stays replicated, as `models.constrain` does)."""
+  th = tensor if heads and heads % tensor == 0 else 1
+  tm = tensor if mlp_dims and all(m % tensor == 0 for m in mlp_dims) else 1
+  return int(parts[0] + -(-parts[1] // th) + -(-parts[2] // tm))
 
 
 def _dense_paths(abs_params) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
@@ -331,7 +364,14 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
     loss = lambda p, xx, tt, rr, cc: jnp.sum(apply(p, xx, tt, rr, cc))
     # Under LoRA the base is not differentiated, but the activations still are: trace the
     # residuals of the gradient with respect to the inputs and a dummy scale on x.
-    return _saved_residual_bytes(loss, ap, x, tvec, tvec, cond)
+    return _saved_residual_bytes(loss, ap, x, tvec, tvec, cond, heads=heads,
+                                 head_dim=head_dim, mlp_dims=mlp_dims)
+
+  # Head count, head width and MLP widths, for the tensor-parallel share of the residuals.
+  heads = int(model_config.get("num_attention_heads", model_config.get("num_heads", 0)) or 0)
+  head_dim = int(model_config.get("attention_head_dim", 0) or 0)
+  mlp_dims = frozenset(shape[1] for path, shape in _dense_paths(abs_params)
+                       if path[-1] == "fc1")
 
   # Identical blocks: trace 1 and 2 blocks (each kind) and extrapolate linearly, exact for
   # a stack of equal blocks and far faster than tracing 60 blocks.
@@ -342,13 +382,17 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
   n_layers = int(model_config[layer_key])
   n_single = int(model_config.get("num_single_layers", 0) or 0)
 
+  traced = {}
+
   def small(remat, layers, single=0):
-    mc = dict(model_config, remat=remat, **{layer_key: layers})
-    if "num_single_layers" in model_config:
-      mc["num_single_layers"] = single
-    if "dual_attention_layers" in model_config:
-      mc["dual_attention_layers"] = ()
-    return residuals(mc)
+    if (remat, layers, single) not in traced:     # 'none' traces repeat under remat 'none'
+      mc = dict(model_config, remat=remat, **{layer_key: layers})
+      if "num_single_layers" in model_config:
+        mc["num_single_layers"] = single
+      if "dual_attention_layers" in model_config:
+        mc["dual_attention_layers"] = ()
+      traced[(remat, layers, single)] = residuals(mc)
+    return traced[(remat, layers, single)]
 
   policy = model_config.get("remat", "none")
   r1, r2 = small(policy, 1), small(policy, 2)
@@ -368,7 +412,7 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
       name = "/".join(path)
       toks = next((v for k, v in per_target_tokens.items() if k in name), ti)
       lora_acts += b * max(toks, 1) * setting.lora_rank * compute_bytes
-    acts += lora_acts
+    acts[0] += lora_acts
 
   # FLOPs of one step.
   tf_config = config_lib.tf_config(c)
@@ -404,19 +448,37 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
     grads_b = train_b
     update_b = train_b + opt_b
     params_b = base + (train_b if lora else 0)
-    gathered = block_params * compute_bytes * min(2, len(blocks)) * (shape["fsdp"] > 1)
-    unreduced = 0 if lora else block_params * 4 * (shape["fsdp"] > 1)
-    recompute = block_acts if model_config.get("remat", "none") != "none" else 0
-    work_b = recompute + gathered + unreduced
-    # XLA fuses the update into the non-finite select (the compiled step keeps no second
-    # copy; tests/test_memory_plan.py), so `update` is reported but not in the total.
-    total = params_b + opt_b + ema_b + grads_b + acts + work_b
+    fsdp = shape["fsdp"] > 1
+    acts_b = _tensor_share(acts, shape["tensor"], heads, mlp_dims)
+    if model_config.get("remat", "none") == "none":
+      # No remat: the backward all-gathers the same shards as the forward, XLA merges the
+      # two (CSE), so every gathered weight lives from its forward use to its backward use.
+      work_b = tree_bytes(abs_params, p_specs, dict(shape, fsdp=1),
+                          max_itemsize=compute_bytes, only_axis="fsdp")[0] if fsdp else 0
+    else:
+      # Remat: the recomputed block re-gathers its weights behind an optimisation barrier
+      # (no CSE), so the working set is per block: its activations without remat, its
+      # weights gathered (and the next block's, prefetched), its unreduced gradients.
+      gathered = block_params * compute_bytes * min(2, len(blocks)) * fsdp
+      unreduced = 0 if lora else block_params * 4 * fsdp
+      work_b = (_tensor_share(block_acts, shape["tensor"], heads, mlp_dims) + gathered
+                + unreduced)
+    state_b = params_b + opt_b + ema_b
+    # Two peaks. Backward: the saved activations are freed block by block while the
+    # gradients accumulate, so at most max(acts, grads) (equal blocks: linear in between)
+    # plus the working set. Update: the non-finite check reduces over all the new
+    # parameters before it selects between new and old state, so the new parameters and
+    # optimizer state exist next to the old (`update`).
+    backward_peak = state_b + max(acts_b, grads_b) + work_b
+    update_peak = state_b + update_b
+    total = max(backward_peak, update_peak)
     step_rows = rows(gb) + (1 if lora else 2) * gb
     cap = DEVICE_MEMORY_GIB[kind] * GIB
     out["meshes"].append({
         "device": kind, "devices": n, "mesh": shape, "global_batch": gb,
         "bytes": {"params": params_b, "opt": opt_b, "ema": ema_b, "grads": grads_b,
-                  "update": update_b, "acts": acts, "work": work_b, "total": total},
+                  "update": update_b, "acts": acts_b, "work": work_b, "total": total},
+        "peak": "backward" if backward_peak >= update_peak else "update",
         "device_memory_gib": DEVICE_MEMORY_GIB[kind],
         "fits": total <= USABLE_FRACTION * cap and not uneven,
         "unshardable": uneven[:3],
