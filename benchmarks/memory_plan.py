@@ -416,6 +416,7 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
 
   # FLOPs of one step.
   tf_config = config_lib.tf_config(c)
+  ema_decay = float(tf_config.ema_decay)
   rows = lambda batch: losses.count_network_rows(
       batch, tf_config.replace(row_blocks=1))["ours"]
   fwd = models.flops_per_forward(model_config, 1, spec.x_shape[:2], txt_len=txt_len)
@@ -446,7 +447,12 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
     opt_b, _ = tree_bytes(abs_opt, opt_specs, shape)
     ema_b = train_b * (1 + len(decays))
     grads_b = train_b
-    update_b = train_b + opt_b
+    # The step's teacher: the EMA updated from the old parameters before the loss (official
+    # order) lives next to the old EMA until the non-finite select; decay 0 (the online
+    # network) and 1 (frozen) make no new tree.
+    teacher_b = train_b if 0.0 < ema_decay < 1.0 else 0
+    # New parameters, optimizer state and evaluation EMAs, next to the old ones.
+    update_b = train_b * (1 + len(decays)) + opt_b
     params_b = base + (train_b if lora else 0)
     fsdp = shape["fsdp"] > 1
     acts_b = _tensor_share(acts, shape["tensor"], heads, mlp_dims)
@@ -469,15 +475,15 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
     # plus the working set. Update: the non-finite check reduces over all the new
     # parameters before it selects between new and old state, so the new parameters and
     # optimizer state exist next to the old (`update`).
-    backward_peak = state_b + max(acts_b, grads_b) + work_b
-    update_peak = state_b + update_b
+    backward_peak = state_b + teacher_b + max(acts_b, grads_b) + work_b
+    update_peak = state_b + teacher_b + update_b
     total = max(backward_peak, update_peak)
     step_rows = rows(gb) + (1 if lora else 2) * gb
     cap = DEVICE_MEMORY_GIB[kind] * GIB
     out["meshes"].append({
         "device": kind, "devices": n, "mesh": shape, "global_batch": gb,
-        "bytes": {"params": params_b, "opt": opt_b, "ema": ema_b, "grads": grads_b,
-                  "update": update_b, "acts": acts_b, "work": work_b, "total": total},
+        "bytes": {"params": params_b, "opt": opt_b, "ema": ema_b, "teacher": teacher_b,
+                  "grads": grads_b, "update": update_b, "acts": acts_b, "work": work_b, "total": total},
         "peak": "backward" if backward_peak >= update_peak else "update",
         "device_memory_gib": DEVICE_MEMORY_GIB[kind],
         "fits": total <= USABLE_FRACTION * cap and not uneven,
@@ -488,8 +494,8 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
 
 
 def format_table(plans: list[dict], markdown: bool = False) -> str:
-  cols = ("model", "mode", "mesh", "batch", "params", "opt", "ema", "grads", "update",
-          "acts", "work", "total", "mem", "fits", "PFLOP/step")
+  cols = ("model", "mode", "mesh", "batch", "params", "opt", "ema", "teacher", "grads",
+          "update", "acts", "work", "total", "peak", "mem", "fits", "PFLOP/step")
   rows = []
   for p in plans:
     for m in p["meshes"]:
@@ -499,8 +505,8 @@ def format_table(plans: list[dict], markdown: bool = False) -> str:
               else f"{m['device']}:{shape['data']}x{shape['fsdp']}x{shape['tensor']}")
       g = lambda k: f"{by[k] / GIB:.2f}"
       rows.append((p["model"], p["mode"], mesh, str(m["global_batch"]), g("params"), g("opt"),
-                   g("ema"), g("grads"), g("update"), g("acts"), g("work"), g("total"),
-                   f"{m['device_memory_gib']:.0f}", "yes" if m["fits"] else "NO",
+                   g("ema"), g("teacher"), g("grads"), g("update"), g("acts"), g("work"),
+                   g("total"), m["peak"], f"{m['device_memory_gib']:.0f}", "yes" if m["fits"] else "NO",
                    f"{m['flops_per_step'] / 1e15:.1f}"))
   if markdown:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
