@@ -58,6 +58,7 @@ tensor = 1) unless given as `kind:data x fsdp x tensor`, e.g. `v5p:2x128x1`.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -109,11 +110,14 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 # Latent channels (NHWC) and pooled width the data of each family has.
 _FAMILY_DATA = {"qwen_image": (16, 3584), "flux": (16, 768), "sd3": (16, 2048)}
 
-# Official LoRA targets (qwenimage_lora_1order.yaml) as module names of this package.
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out/0", "add_q_proj", "add_k_proj",
-                "add_v_proj", "to_add_out", "img_mlp/fc1", "img_mlp/fc2", "txt_mlp/fc1",
-                "txt_mlp/fc2", "timestep_embedder/linear_1", "timestep_embedder/linear_2",
-                "ff/fc1", "ff/fc2", "ff_context/fc1", "ff_context/fc2")
+# Official LoRA targets (qwenimage_lora_1order.yaml), diffusers module names (PEFT suffix
+# rule, as config.lora.target_modules); the FLUX / SD3 feed-forward names alike. A model
+# gets those of them it has.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                "add_v_proj", "to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
+                "txt_mlp.net.0.proj", "txt_mlp.net.2", "timestep_embedder.linear_1",
+                "timestep_embedder.linear_2", "ff.net.0.proj", "ff.net.2",
+                "ff_context.net.0.proj", "ff_context.net.2")
 LORA_RANK = 64
 
 
@@ -165,6 +169,8 @@ def model_setting(model: str, mode: str, *, per_device_batch: int, image_size: i
     c.loss.estimate_order = 1
     c.loss.enhanced_ratio = 4.0
     c.loss.ema_decay = 1.0
+    c.lora.alpha = float(LORA_RANK)
+    c.lora.time_input = "t_minus_half_r"     # official TwinFlow_LoRA forward
   else:
     c.loss.estimate_order = 2
     c.loss.enhanced_ratio = 0.8
@@ -273,27 +279,6 @@ def _dense_paths(abs_params) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
   return out
 
 
-def lora_targets(abs_params) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
-  """The Dense layers an official-style LoRA wraps (module path ends with a target)."""
-  found = []
-  for path, shape in _dense_paths(abs_params):
-    name = "/".join(path)
-    if any(name == t or name.endswith("/" + t) for t in LORA_TARGETS):
-      found.append((path, shape))
-  return found
-
-
-def _with_fsdp(axes):
-  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-  return axes if "fsdp" in axes else ("fsdp",) + axes
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k] if k in tree else tree[int(k)]
-  return tree
-
-
 def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> dict:
   """Per-device memory of every component and the step FLOPs on each mesh."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -304,9 +289,12 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
   from twinflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax import losses  # pylint: disable=g-import-not-at-top
   from twinflow_jax import models  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models import lora as lora_models  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models.layers import Dense  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   c = setting.config
@@ -324,17 +312,22 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
   lora = setting.lora_rank > 0
 
   if lora:
-    # Trainable tree: adapters A [in, r], B [r, out] (float32) sharded like the kernel.
-    targets = lora_targets(abs_params)
-    r = setting.lora_rank
-    train_tree, train_specs = {}, {}
-    for path, (d_in, d_out) in targets:
-      spec = tuple(_get(p_specs, path + ("kernel",))) + (None, None)
-      key = "/".join(path)
-      train_tree[key] = {"a": jax.ShapeDtypeStruct((d_in, r), jnp.float32),
-                         "b": jax.ShapeDtypeStruct((r, d_out), jnp.float32)}
-      # The rank dimension is replicated; the long one keeps the kernel's axes plus 'fsdp'.
-      train_specs[key] = {"a": P(_with_fsdp(spec[0]), None), "b": P(None, _with_fsdp(spec[1]))}
+    # The trainer's own LoRA (train/lora.py): LoRADense adapters A [in, r], B [r, out]
+    # (float32) on the official targets this model has, sharded like the kernel's in / out
+    # dimension; the base is a separate frozen tree.
+    with jax.set_mesh(mesh1), nnx.logical_axis_rules(rules), nnx.use_eager_sharding(False):
+      abstract = nnx.eval_shape(lambda: models.create_model(model_config, rngs=nnx.Rngs(0)))
+      names = [lora_models.diffusers_name(abstract, tuple(path))
+               for path, m in nnx.iter_modules(abstract) if isinstance(m, Dense)]
+    targets = [t for t in LORA_TARGETS if any(lora_models.matches(n, (t,)) for n in names)]
+    c = copy.deepcopy(c)
+    c.lora.rank = setting.lora_rank
+    c.lora.alpha = float(c.lora.get("alpha", 0.0) or setting.lora_rank)
+    c.lora.target_modules = ",".join(targets)
+    lora_spec = lora_train.spec_of(c)
+    time_input = c.lora.get("time_input", "t_r")
+    _, train_tree, train_specs, _, _ = lora_train.param_specs(
+        lora_train.model_fn(c), mesh1, rules)
   else:
     train_tree, train_specs = abs_params, p_specs
   abs_opt = jax.eval_shape(tx.init, train_tree)
@@ -358,14 +351,25 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
   tvec = jax.ShapeDtypeStruct((b,), jnp.float32)
 
   def residuals(mc):
-    gd, ap, _ = state_lib.param_specs(lambda rngs: models.create_model(mc, rngs=rngs),
-                                      mesh1, rules)
-    apply = state_lib.make_apply_fn(gd)
-    loss = lambda p, xx, tt, rr, cc: jnp.sum(apply(p, xx, tt, rr, cc))
-    # Under LoRA the base is not differentiated, but the activations still are: trace the
-    # residuals of the gradient with respect to the inputs and a dummy scale on x.
-    return _saved_residual_bytes(loss, ap, x, tvec, tvec, cond, heads=heads,
-                                 head_dim=head_dim, mlp_dims=mlp_dims)
+    if lora:
+      def build(rngs):
+        model = models.create_model(mc, rngs=rngs)
+        lora_models.wrap(model, lora_spec, rngs)
+        return model
+      gd, tr, _, fr, _ = lora_train.param_specs(build, mesh1, rules)
+      apply = lora_train.make_apply_fn(gd, time_input)
+      # The base is a constant of the step: no gradient, so no residuals for it.
+      loss = lambda p, f, xx, tt, rr, cc: jnp.sum(
+          apply((p, jax.lax.stop_gradient(f)), xx, tt, rr, cc))
+      args = (tr, fr, x, tvec, tvec, cond)
+    else:
+      gd, ap, _ = state_lib.param_specs(lambda rngs: models.create_model(mc, rngs=rngs),
+                                        mesh1, rules)
+      apply = state_lib.make_apply_fn(gd)
+      loss = lambda p, xx, tt, rr, cc: jnp.sum(apply(p, xx, tt, rr, cc))
+      args = (ap, x, tvec, tvec, cond)
+    return _saved_residual_bytes(loss, *args, heads=heads, head_dim=head_dim,
+                                 mlp_dims=mlp_dims)
 
   # Head count, head width and MLP widths, for the tensor-parallel share of the residuals.
   heads = int(model_config.get("num_attention_heads", model_config.get("num_heads", 0)) or 0)
@@ -403,17 +407,6 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
     acts += n_single * (s1 - r1)
   trace_s = time.perf_counter() - t0
   compute_bytes = np.dtype(jnp.dtype(model_config.get("dtype", "float32"))).itemsize
-  if lora:
-    lt = txt_len
-    ti = math.prod(spec.x_shape[:2]) // 4
-    per_target_tokens = {"add": lt, "txt": lt, "timestep": 0}
-    lora_acts = 0
-    for path, _ in lora_targets(abs_params):
-      name = "/".join(path)
-      toks = next((v for k, v in per_target_tokens.items() if k in name), ti)
-      lora_acts += b * max(toks, 1) * setting.lora_rank * compute_bytes
-    acts[0] += lora_acts
-
   # FLOPs of one step.
   tf_config = config_lib.tf_config(c)
   ema_decay = float(tf_config.ema_decay)
@@ -434,7 +427,7 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
 
   out = {"model": model_config.get("name"), "mode": "lora" if lora else "full",
          "params": n_params, "trainable_params": n_train, "lora_rank": setting.lora_rank,
-         "per_device_batch": b, "x_shape": list(spec.x_shape), "txt_len": txt_len,
+         "lora_targets": c.lora.target_modules if lora else "", "per_device_batch": b, "x_shape": list(spec.x_shape), "txt_len": txt_len,
          "remat": model_config.get("remat", "none"), "dtype": model_config.get("dtype"),
          "param_dtype": model_config.get("param_dtype"), "layers": n_layers,
          "flops_per_row_forward": fwd, "trace_s": trace_s, "meshes": []}

@@ -12,6 +12,7 @@ from flax import nnx
 
 from twinflow_jax import models
 from twinflow_jax.train import config as config_lib
+from twinflow_jax.train import lora as lora_lib
 from twinflow_jax.train import mesh as mesh_lib
 from twinflow_jax.train import state as state_lib
 
@@ -35,16 +36,22 @@ def _tiny_config(remat, mesh=(8, 1, 1)):
   return c
 
 
-def _compiled_student_step(c, per_device_batch):
+def _compiled_student_step(c, per_device_batch, lora=False):
   """The trainer step's memory skeleton (train/step.py): donated (params, AdamW state, EMA),
   the teacher EMA update before the loss and a teacher forward without gradient, the student
-  forward and backward, the AdamW update and the non-finite select."""
+  forward and backward, the AdamW update and the non-finite select. LoRA (`c.lora`): the
+  state holds the adapters, the frozen base is a further argument (train/lora.py)."""
   mesh = mesh_lib.create_mesh(c.mesh)
   rules = models.DEFAULT_LOGICAL_AXIS_RULES
   mc = c.model.to_dict()
-  graphdef, abs_params, specs = state_lib.param_specs(
-      lambda rngs: models.create_model(mc, rngs=rngs), mesh, rules)
-  apply_fn = state_lib.make_apply_fn(graphdef)
+  if lora:
+    graphdef, abs_params, specs, abs_base, base_specs = lora_lib.param_specs(
+        lora_lib.model_fn(c), mesh, rules)
+    apply_lora = lora_lib.make_apply_fn(graphdef, c.lora.time_input)
+  else:
+    graphdef, abs_params, specs = state_lib.param_specs(
+        lambda rngs: models.create_model(mc, rngs=rngs), mesh, rules)
+    apply_fn = state_lib.make_apply_fn(graphdef)
   tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.0)
   p_sh = mesh_lib.spec_shardings(specs, mesh)
   abs_opt = jax.eval_shape(tx.init, abs_params)
@@ -54,13 +61,14 @@ def _compiled_student_step(c, per_device_batch):
   b = per_device_batch * mesh_lib.batch_shards(mesh)
   lat = c.data.latent_shape
 
-  def step(state, x, txt, mask):
+  def step(state, x, txt, mask, base=None):
     params, opt, ema = state
+    apply = apply_fn if base is None else lambda p, *a: apply_lora((p, base), *a)
     t = jnp.full((b,), 0.5)
     cond = {"txt": txt, "txt_mask": mask}
     new_ema = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, ema, params)
-    target = jax.lax.stop_gradient(apply_fn(new_ema, x, t, t, cond))
-    loss_fn = lambda p: jnp.mean((apply_fn(p, x, t, 0.5 * t, cond) - target)**2)
+    target = jax.lax.stop_gradient(apply(new_ema, x, t, t, cond))
+    loss_fn = lambda p: jnp.mean((apply(p, x, t, 0.5 * t, cond) - target)**2)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, new_opt = tx.update(grads, opt, params)
     new_params = optax.apply_updates(params, updates)
@@ -74,10 +82,14 @@ def _compiled_student_step(c, per_device_batch):
           jax.ShapeDtypeStruct((b, *lat), jnp.float32, sharding=bs),
           jax.ShapeDtypeStruct((b, c.data.txt_len, c.data.txt_dim), jnp.float32, sharding=bs),
           jax.ShapeDtypeStruct((b, c.data.txt_len), jnp.bool_, sharding=bs))
+  if lora:
+    args += (with_sh(abs_base, mesh_lib.spec_shardings(base_specs, mesh)),)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     # XLA:CPU's legacy elemental emitters compile this step 2-3x faster than its fusion
     # emitters and assign the same buffers (identical memory analysis on every mesh here).
-    return jax.jit(step, donate_argnums=0).lower(*args).compile(
+    # keep_unused: the frozen base stays resident even where the step does not read it
+    # (the last block's text stream feeds nothing).
+    return jax.jit(step, donate_argnums=0, keep_unused=True).lower(*args).compile(
         compiler_options={"xla_cpu_use_fusion_emitters": False}).memory_analysis()
 
 
@@ -124,11 +136,17 @@ def test_plan_matches_xla_memory_analysis(tiny_plan):
   assert replicated["teacher"] == replicated["params"]       # ema_decay 0.99: a new tree
 
 
-def test_lora_plan_trains_adapters_only(tiny_plan):
-  c = _tiny_config("none")
+def test_lora_plan_matches_xla_and_trains_adapters_only(tiny_plan):
+  """The trainer's LoRA (frozen bfloat16 base, float32 adapters): state exact and the
+  total within 10% of XLA's peak under FSDP; no optimizer state, EMA or gradients for the
+  base."""
+  mesh = (1, 8, 1)
+  c = _tiny_config("none", mesh)
   c.model.param_dtype = "bfloat16"
+  c.lora.time_input = "t_minus_half_r"
   lora = memory_plan.plan_setting(memory_plan.Setting(c, _PER_DEVICE_BATCH, lora_rank=4),
-                                  [("v5p", {"data": 8, "fsdp": 1, "tensor": 1})])
+                                  [("v5p", {"data": 8, "fsdp": 1, "tensor": 1}),
+                                   ("v5p", dict(zip(("data", "fsdp", "tensor"), mesh)))])
   assert lora["params"] == tiny_plan["params"]
   assert 0 < lora["trainable_params"] < lora["params"] / 5
   by = lora["meshes"][0]["bytes"]
@@ -136,3 +154,13 @@ def test_lora_plan_trains_adapters_only(tiny_plan):
   assert by["ema"] == by["grads"] == 4 * lora["trainable_params"]
   # Same global batch: LoRA's step has 1 x batch backward rows, the full fine-tune's 2 x.
   assert lora["meshes"][0]["flops_per_step"] < tiny_plan["meshes"][0]["flops_per_step"]
+
+  c.lora.rank, c.lora.alpha, c.lora.target_modules = 4, 4.0, lora["lora_targets"]
+  by = lora["meshes"][1]["bytes"]
+  mem = _compiled_student_step(c, _PER_DEVICE_BATCH, lora=True)
+  batch_bytes = _PER_DEVICE_BATCH * (16 * 16 * 4 * 4 + 8 * 24 * 4 + 8)
+  state = by["params"] + by["opt"] + by["ema"]
+  assert abs(mem.argument_size_in_bytes - batch_bytes - state) <= 0.01 * state
+  xla_peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+              - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+  assert abs((by["total"] + batch_bytes) / xla_peak - 1) <= 0.10, (by, xla_peak)
