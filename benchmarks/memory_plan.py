@@ -152,8 +152,8 @@ def model_setting(model: str, mode: str, *, per_device_batch: int, image_size: i
                   txt_len: int, remat: str) -> Setting:
   """The paper-style setting of a released model: 'full' or 'lora' fine-tune.
 
-  Full: official `qwenimage_full.yaml` (estimate_order 2, enhanced_ratio 0.8, the
-  r-embedder, lr 1e-5), bfloat16 compute on float32 master weights, AdamW.
+  Full: official `qwenimage_full.yaml` (estimate_order 2, enhanced_ratio 0.8, ema_decay 0,
+  the r-embedder, lr 1e-5), bfloat16 compute on float32 master weights, AdamW.
   LoRA: `qwenimage_lora_1order.yaml` (rank 64, no r-embedder, estimate_order 1,
   enhanced_ratio 4, ema_decay 1), base weights bfloat16.
   """
@@ -185,6 +185,7 @@ def model_setting(model: str, mode: str, *, per_device_batch: int, image_size: i
   else:
     c.loss.estimate_order = 2
     c.loss.enhanced_ratio = 0.8
+    c.loss.ema_decay = 0.0     # official ema_decay_rate 0: the online network teaches
   return Setting(c, per_device_batch, LORA_RANK if lora else 0)
 
 

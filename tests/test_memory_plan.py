@@ -95,8 +95,6 @@ def _compiled_student_step(c, per_device_batch, lora=False):
 
 # Data parallel, FSDP, FSDP x tensor: (data, fsdp, tensor).
 _MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2))
-
-
 _PER_DEVICE_BATCH = 2
 
 
