@@ -325,9 +325,15 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
 
   # Identical blocks: models of 1 and 2 blocks (each kind) are traced and the results
   # extrapolated linearly, exact for a stack of equal blocks and far faster than 60 blocks.
-  layer_key = "num_layers" if "num_layers" in model_config else "depth"
-  if layer_key not in model_config:
-    model_config[layer_key] = models.resolve_config(model_config).depth
+  if "transformer_blocks" in abs_params:      # diffusers families: count the built blocks
+    layer_key = "num_layers"
+    model_config.setdefault(layer_key, len(abs_params["transformer_blocks"]))
+    if "single_transformer_blocks" in abs_params:
+      model_config.setdefault("num_single_layers", len(abs_params["single_transformer_blocks"]))
+  else:
+    layer_key = "num_layers" if "num_layers" in model_config else "depth"
+    if layer_key not in model_config:
+      model_config[layer_key] = models.resolve_config(model_config).depth
   n_layers = int(model_config[layer_key])
   n_single = int(model_config.get("num_single_layers", 0) or 0)
   pieces = [(1, 0), (2, 0)] + ([(1, 1)] if n_single else [])
@@ -376,7 +382,8 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
     c = copy.deepcopy(c)
     c.lora.rank = setting.lora_rank
     c.lora.alpha = float(c.lora.get("alpha", 0.0) or setting.lora_rank)
-    c.lora.target_modules = ",".join(targets)
+    if not c.lora.get("target_modules"):      # a --config's own targets win
+      c.lora.target_modules = ",".join(targets)
     lora_spec = lora_train.spec_of(c)
     time_input = c.lora.get("time_input", "t_r")
     lora_trees = {}
@@ -578,7 +585,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--image-size", type=int, default=512, help="pixels (latent = size / 8)")
   p.add_argument("--txt-len", type=int, default=512, help="text tokens per prompt")
   p.add_argument("--remat", default="full", help="remat policy: none, full, dots, dots_no_batch")
-  p.add_argument("--lora-rank", type=int, default=LORA_RANK)
+  p.add_argument("--lora-rank", type=int, default=LORA_RANK,
+                 help="LoRA rank (a --config with lora.rank > 0 keeps its own rank and targets)")
   p.add_argument("--json", default=None, help="also write the plans as JSON")
   p.add_argument("--markdown", action="store_true", help="print a Markdown table")
   return p
@@ -613,8 +621,9 @@ def main(argv=None) -> int:
                              f"family model (config.model.name in {sorted(FAMILIES)}); "
                              f"{args.config} has {c.model.get('name')!r}")
           c.model.param_dtype = "bfloat16"
+        rank = int(c.lora.get("rank", 0)) if "lora" in c else 0
         settings.append(Setting(c, args.per_device_batch,
-                                args.lora_rank if mode == "lora" else 0))
+                                (rank or args.lora_rank) if mode == "lora" else 0))
       else:
         s = model_setting(args.model, mode, per_device_batch=args.per_device_batch,
                           image_size=args.image_size, txt_len=args.txt_len, remat=args.remat)
