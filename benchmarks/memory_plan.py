@@ -5,44 +5,55 @@ For a model, a training setting and meshes it prints, per device, the bytes of
               its param_dtype plus the adapters),
   opt         the optimizer state (AdamW mu and nu; LoRA: adapters only),
   ema         the TwinFlow EMA teacher and any evaluation EMAs (LoRA: adapters only),
+  teacher     the step's new teacher (the EMA updated before the loss, as the official
+              code does), held next to the old one until the step's non-finite select;
+              none with ema_decay 0 or 1,
   grads       the gradients (sharded like the parameters, reduce-scattered),
-  update      the new parameters and optimizer state, were they materialised before the
-              step's non-finite check selects between old and new (`train/step.py`);
-              XLA fuses that update into the select, so it is shown but not in the total,
+  update      the new parameters, optimizer state and evaluation EMAs: the non-finite check
+              reduces over all new parameters before it selects between new and old, so
+              they exist next to the old state,
   acts        activations the student forward keeps for its backward at the per-device
-              batch under the configured remat policy,
-  work        the transient working set: one rematerialised block (its activations
-              without remat) plus two blocks of FSDP-gathered weights and one block of
-              unreduced gradients,
-and the total against each device's memory; plus the FLOPs of one step.
+              batch under the configured remat policy and tensor sharding,
+  work        the backward's transient working set: with remat, one block recomputed (its
+              activations without remat), its weights and the next block's FSDP-gathered
+              and its unreduced gradients; without remat under FSDP, every gathered weight
+              (the forward's and the backward's all-gather of a shard are merged by XLA),
+and the per-device total, the larger of two peaks:
+  backward    params + opt + ema + teacher + max(acts, grads) + work (activations are freed
+              block by block as the gradients accumulate: the sum is largest at an end),
+  update      params + opt + ema + teacher + update,
+against each device's memory; plus the FLOPs of one step.
 
 How each figure is obtained:
   * params / opt / ema / grads / update: the trainer's own abstract `TrainState`
-    (`jax.eval_shape` of `train.state.init_state` with the configured optimizer) and the
-    PartitionSpecs the trainer derives from the models' logical-axis rules
-    (`train.state.param_specs`, `state_shardings`, the config's
-    `mesh.logical_axis_rules` over `models.DEFAULT_LOGICAL_AXIS_RULES`); bytes per device
-    are each array's shard size on the target mesh. Exact: the test suite matches the
-    argument size of the compiled train step. Arrays whose dimensions the mesh axes do not
-    divide are reported (the trainer refuses them).
+    (`jax.eval_shape` of the configured optimizer's init) and the PartitionSpecs the
+    trainer derives from the models' logical-axis rules (`train.state.param_specs`, or
+    `train.lora.param_specs` for LoRA; the config's `mesh.logical_axis_rules` over
+    `models.DEFAULT_LOGICAL_AXIS_RULES`); bytes per device are each array's shard size on
+    the target mesh. Exact: the test suite matches the argument size of the compiled step.
+    Arrays whose dimensions the mesh axes do not divide are reported (the trainer refuses
+    them).
   * acts: the residuals JAX saves for the backward of the student forward
     (`saved_residuals` of the real model, traced abstractly at the per-device batch with
-    the configured remat policy; nothing is allocated). This is what the program must
-    hold at JAX level; XLA may fuse cheap elementwise residuals away (with remat 'none'
-    XLA:CPU kept about 60% of them), so it is an upper bound for 'none' and close for
-    'full' (block inputs only). Tensor parallelism (mesh tensor > 1) would split head and
-    MLP activations further; the plan does not credit that (conservative).
+    the configured remat policy; nothing is allocated). Residuals with a heads axis
+    (..., heads, ..., head_dim) or an MLP-hidden last axis are divided by the tensor axis
+    (the 'activation_heads' / 'activation_mlp' rules); the rest (the residual stream, and
+    the attention output before its projection, which has the model width's shape) count
+    whole.
+  * tests/test_memory_plan.py compiles a trainer-like step on 8 CPU devices and checks the
+    total against XLA's peak (arguments + outputs - aliased + temporaries) within 10% on
+    data-parallel, FSDP and FSDP x tensor meshes and for LoRA (docs/memory-plan.md).
   * FLOPs per step: `models.flops_per_forward` of one row times (network rows of the loss,
     `losses.count_network_rows`, + 2 x batch for the student's backward); LoRA: + 1 x batch
     (gradients flow to the activations; weight gradients only for the adapters, counted
     as 0).
 
-LoRA (`--lora`): trainable parameters are adapters A [in, rank] and B [rank, out] (float32)
-on the official target modules of `qwenimage_lora_*.yaml` (to_q, to_k, to_v, to_out.0,
+LoRA (`--mode lora`): the trainer's `config.lora` adapters (`models.lora.LoRADense`, A [in,
+rank] and B [rank, out] in float32, sharded like the kernel's in / out dimension) on the
+official targets of `qwenimage_lora_*.yaml` that the model has (to_q, to_k, to_v, to_out.0,
 add_q/k/v_proj, to_add_out, img_mlp / txt_mlp net.0.proj and net.2,
-timestep_embedder.linear_1 / linear_2; rank 64, alpha 64), sharded like the base kernel's
-in / out dimension plus 'fsdp' (the rank dimension replicated); the base stays frozen in bfloat16 with no gradient, optimizer state or
-EMA; the adapters' intermediate x A [tokens, rank] adds to the activations.
+timestep_embedder.linear_1 / linear_2; FLUX / SD3 ff / ff_context alike; rank 64, alpha
+64); the base stays frozen in bfloat16 with no gradient, optimizer state or EMA.
 
   python3 benchmarks/memory_plan.py                       # the paper's Qwen-Image-20B setting
   python3 benchmarks/memory_plan.py --model qwen_image_20b --mode full,lora \
@@ -58,6 +69,7 @@ tensor = 1) unless given as `kind:data x fsdp x tensor`, e.g. `v5p:2x128x1`.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -109,11 +121,14 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 # Latent channels (NHWC) and pooled width the data of each family has.
 _FAMILY_DATA = {"qwen_image": (16, 3584), "flux": (16, 768), "sd3": (16, 2048)}
 
-# Official LoRA targets (qwenimage_lora_1order.yaml) as module names of this package.
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out/0", "add_q_proj", "add_k_proj",
-                "add_v_proj", "to_add_out", "img_mlp/fc1", "img_mlp/fc2", "txt_mlp/fc1",
-                "txt_mlp/fc2", "timestep_embedder/linear_1", "timestep_embedder/linear_2",
-                "ff/fc1", "ff/fc2", "ff_context/fc1", "ff_context/fc2")
+# Official LoRA targets (qwenimage_lora_1order.yaml), diffusers module names (PEFT suffix
+# rule, as config.lora.target_modules); the FLUX / SD3 feed-forward names alike. A model
+# gets those of them it has.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                "add_v_proj", "to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
+                "txt_mlp.net.0.proj", "txt_mlp.net.2", "timestep_embedder.linear_1",
+                "timestep_embedder.linear_2", "ff.net.0.proj", "ff.net.2",
+                "ff_context.net.0.proj", "ff_context.net.2")
 LORA_RANK = 64
 
 
@@ -137,8 +152,8 @@ def model_setting(model: str, mode: str, *, per_device_batch: int, image_size: i
                   txt_len: int, remat: str) -> Setting:
   """The paper-style setting of a released model: 'full' or 'lora' fine-tune.
 
-  Full: official `qwenimage_full.yaml` (estimate_order 2, enhanced_ratio 0.8, the
-  r-embedder, lr 1e-5), bfloat16 compute on float32 master weights, AdamW.
+  Full: official `qwenimage_full.yaml` (estimate_order 2, enhanced_ratio 0.8, ema_decay 0,
+  the r-embedder, lr 1e-5), bfloat16 compute on float32 master weights, AdamW.
   LoRA: `qwenimage_lora_1order.yaml` (rank 64, no r-embedder, estimate_order 1,
   enhanced_ratio 4, ema_decay 1), base weights bfloat16.
   """
@@ -165,9 +180,12 @@ def model_setting(model: str, mode: str, *, per_device_batch: int, image_size: i
     c.loss.estimate_order = 1
     c.loss.enhanced_ratio = 4.0
     c.loss.ema_decay = 1.0
+    c.lora.alpha = float(LORA_RANK)
+    c.lora.time_input = "t_minus_half_r"     # official TwinFlow_LoRA forward
   else:
     c.loss.estimate_order = 2
     c.loss.enhanced_ratio = 0.8
+    c.loss.ema_decay = 0.0     # official ema_decay_rate 0: the online network teaches
   return Setting(c, per_device_batch, LORA_RANK if lora else 0)
 
 
@@ -203,30 +221,63 @@ def shard_bytes(shape, dtype, spec, mesh_shape: dict[str, int]) -> tuple[int, bo
   return n * np.dtype(dtype).itemsize, even
 
 
-def tree_bytes(tree, specs, mesh_shape) -> tuple[int, list[str]]:
-  """Per-device bytes of a tree of ShapeDtypeStructs with a matching tree of specs."""
+def tree_bytes(tree, specs, mesh_shape, *, max_itemsize: int | None = None,
+               only_axis: str | None = None) -> tuple[int, list[str]]:
+  """Per-device bytes of a tree of ShapeDtypeStructs with a matching tree of specs.
+
+  max_itemsize caps each element's size (e.g. weights gathered in the compute dtype);
+  only_axis counts only the leaves that the spec shards over that mesh axis.
+  """
   import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   flat_specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
   total, uneven = 0, []
   for (path, leaf), spec in zip(flat, flat_specs, strict=True):
-    b, even = shard_bytes(leaf.shape, leaf.dtype, spec, mesh_shape)
+    if only_axis is not None and not any(
+        a == only_axis or (isinstance(a, tuple) and only_axis in a) for a in spec):
+      continue
+    dtype = leaf.dtype
+    if max_itemsize is not None and np.dtype(dtype).itemsize > max_itemsize:
+      dtype = {2: np.float16, 4: np.float32}[max_itemsize]
+    b, even = shard_bytes(leaf.shape, dtype, spec, mesh_shape)
     total += b
     if not even:
       uneven.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {spec}")
   return total, uneven
 
 
-def _saved_residual_bytes(fn, *args) -> int:
-  """Bytes of what the backward of fn(*args) keeps, arguments excluded (JAX level)."""
+def _saved_residual_bytes(fn, *args, heads: int = 0, head_dim: int = 0,
+                          mlp_dims: frozenset[int] = frozenset()):
+  """Bytes of what the backward of fn(*args) keeps, arguments excluded (JAX level).
+
+  Returns [other, per-head, MLP-hidden] bytes (a numpy vector): residuals whose trailing
+  axes are (heads, ..., head_dim) or whose last axis is an MLP hidden width are the ones
+  the 'activation_heads' / 'activation_mlp' rules split over the tensor axis.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top
-  total = 0
+  total = np.zeros(3, np.int64)
   for aval, why in ad_checkpoint.saved_residuals(fn, *args):
     if "argument" in why:   # parameters and inputs: live anyway
       continue
-    total += aval.size * aval.dtype.itemsize
+    shape = tuple(aval.shape)
+    kind = 0
+    if len(shape) >= 3 and shape[-1] in mlp_dims:
+      kind = 2
+    elif heads and len(shape) >= 3 and shape[-1] in (head_dim, 1) and heads in shape[1:-1]:
+      kind = 1
+    total[kind] += aval.size * aval.dtype.itemsize
   return total
+
+
+def _tensor_share(parts, tensor: int, heads: int, mlp_dims) -> int:
+  """Per-device bytes of [other, per-head, MLP] residuals under `tensor`-way sharding
+  (a dimension the axis does not divide stays replicated, as `models.constrain` does)."""
+  th = tensor if heads and heads % tensor == 0 else 1
+  tm = tensor if mlp_dims and all(m % tensor == 0 for m in mlp_dims) else 1
+  return int(parts[0] + -(-parts[1] // th) + -(-parts[2] // tm))
 
 
 def _dense_paths(abs_params) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
@@ -240,27 +291,6 @@ def _dense_paths(abs_params) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
   return out
 
 
-def lora_targets(abs_params) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
-  """The Dense layers an official-style LoRA wraps (module path ends with a target)."""
-  found = []
-  for path, shape in _dense_paths(abs_params):
-    name = "/".join(path)
-    if any(name == t or name.endswith("/" + t) for t in LORA_TARGETS):
-      found.append((path, shape))
-  return found
-
-
-def _with_fsdp(axes):
-  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-  return axes if "fsdp" in axes else ("fsdp",) + axes
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k] if k in tree else tree[int(k)]
-  return tree
-
-
 def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> dict:
   """Per-device memory of every component and the step FLOPs on each mesh."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -271,9 +301,12 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
   from twinflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax import losses  # pylint: disable=g-import-not-at-top
   from twinflow_jax import models  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models import lora as lora_models  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.models.layers import Dense  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   c = setting.config
@@ -290,29 +323,99 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
   decays = tuple(float(d) for d in c.train.eval_ema_decays)
   lora = setting.lora_rank > 0
 
-  if lora:
-    # Trainable tree: adapters A [in, r], B [r, out] (float32) sharded like the kernel.
-    targets = lora_targets(abs_params)
-    r = setting.lora_rank
-    train_tree, train_specs = {}, {}
-    for path, (d_in, d_out) in targets:
-      spec = tuple(_get(p_specs, path + ("kernel",))) + (None, None)
-      key = "/".join(path)
-      train_tree[key] = {"a": jax.ShapeDtypeStruct((d_in, r), jnp.float32),
-                         "b": jax.ShapeDtypeStruct((r, d_out), jnp.float32)}
-      # The rank dimension is replicated; the long one keeps the kernel's axes plus 'fsdp'.
-      train_specs[key] = {"a": P(_with_fsdp(spec[0]), None), "b": P(None, _with_fsdp(spec[1]))}
+  # Identical blocks: models of 1 and 2 blocks (each kind) are traced and the results
+  # extrapolated linearly, exact for a stack of equal blocks and far faster than 60 blocks.
+  if "transformer_blocks" in abs_params:      # diffusers families: count the built blocks
+    layer_key = "num_layers"
+    model_config.setdefault(layer_key, len(abs_params["transformer_blocks"]))
+    if "single_transformer_blocks" in abs_params:
+      model_config.setdefault("num_single_layers", len(abs_params["single_transformer_blocks"]))
   else:
-    train_tree, train_specs = abs_params, p_specs
-  abs_opt = jax.eval_shape(tx.init, train_tree)
-  p_shard = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh1, s), train_specs,
-                         is_leaf=lambda s: isinstance(s, P))
-  rep = jax.sharding.NamedSharding(mesh1, P())
+    layer_key = "num_layers" if "num_layers" in model_config else "depth"
+    if layer_key not in model_config:
+      model_config[layer_key] = models.resolve_config(model_config).depth
+  n_layers = int(model_config[layer_key])
+  n_single = int(model_config.get("num_single_layers", 0) or 0)
+  pieces = [(1, 0), (2, 0)] + ([(1, 1)] if n_single else [])
+
+  def extrapolate(value):
+    """value(layers, single) of the small models -> the full model's."""
+    v1 = value(1, 0)
+    out = v1 + (n_layers - 1) * (value(2, 0) - v1)
+    return out + n_single * (value(1, 1) - v1) if n_single else out
+
+  def small_config(remat, layers, single=0):
+    mc = dict(model_config, remat=remat, **{layer_key: layers})
+    if "num_single_layers" in model_config:
+      mc["num_single_layers"] = single
+    if "dual_attention_layers" in model_config:
+      mc["dual_attention_layers"] = ()
+    return mc
+
   import optax  # pylint: disable=g-import-not-at-top
-  opt_specs = jax.tree.map(lambda s: s.spec, optax.tree_map_params(
-      tx, lambda _, s: s, abs_opt, p_shard, transform_non_params=lambda _: rep,
-      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)),
-      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  rep = jax.sharding.NamedSharding(mesh1, P())
+
+  def opt_of(tree, specs):
+    """Abstract optimizer state of `tree` and its PartitionSpecs (`state_shardings`)."""
+    abs_opt = jax.eval_shape(tx.init, tree)
+    shard = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh1, s), specs,
+                         is_leaf=lambda s: isinstance(s, P))
+    opt_specs = jax.tree.map(lambda s: s.spec, optax.tree_map_params(
+        tx, lambda _, s: s, abs_opt, shard, transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)),
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    return abs_opt, opt_specs
+
+  if lora:
+    # The trainer's own LoRA (train/lora.py): LoRADense adapters A [in, r], B [r, out]
+    # (float32) on the official targets this model has, sharded like the kernel's in / out
+    # dimension; the base is a separate frozen tree (the same arrays as the full model's).
+    with jax.set_mesh(mesh1), nnx.logical_axis_rules(rules), nnx.use_eager_sharding(False):
+      abstract = nnx.eval_shape(lambda: models.create_model(
+          small_config("none", 1, min(n_single, 1)), rngs=nnx.Rngs(0)))
+      names = [lora_models.diffusers_name(abstract, tuple(path))
+               for path, m in nnx.iter_modules(abstract) if isinstance(m, Dense)]
+    targets = [t for t in LORA_TARGETS if any(lora_models.matches(n, (t,)) for n in names)]
+    if not targets:
+      raise ValueError(f"none of the LoRA targets {LORA_TARGETS} is a projection of "
+                       f"{model_config.get('name')}")
+    c = copy.deepcopy(c)
+    c.lora.rank = setting.lora_rank
+    c.lora.alpha = float(c.lora.get("alpha", 0.0) or setting.lora_rank)
+    if not c.lora.get("target_modules"):      # a --config's own targets win
+      c.lora.target_modules = ",".join(targets)
+    lora_spec = lora_train.spec_of(c)
+    time_input = c.lora.get("time_input", "t_r")
+    lora_trees = {}
+
+    def lora_small(remat, layers, single=0):
+      """(graphdef, adapters, their specs, base) of a small LoRA model. Built small: the
+      abstract LoRA model of 60 blocks takes minutes to trace (its rng counters)."""
+      if (remat, layers, single) not in lora_trees:
+        mc = small_config(remat, layers, single)
+
+        def build(rngs):
+          model = models.create_model(mc, rngs=rngs)
+          lora_models.wrap(model, lora_spec, rngs)
+          return model
+        gd, tr, ts, fr, _ = lora_train.param_specs(build, mesh1, rules)
+        lora_trees[(remat, layers, single)] = (gd, tr, ts, fr)
+      return lora_trees[(remat, layers, single)]
+
+    trainable = {k: lora_small("none", *k)[1:3] for k in pieces}
+    trainable = {k: (tr, ts) + opt_of(tr, ts) for k, (tr, ts) in trainable.items()}
+
+    def trainable_bytes(shape):
+      train_b = extrapolate(lambda *k: tree_bytes(*trainable[k][:2], shape)[0])
+      opt_b = extrapolate(lambda *k: tree_bytes(*trainable[k][2:], shape)[0])
+      return train_b, opt_b
+    n_train = extrapolate(lambda *k: state_lib.num_params(trainable[k][0]))
+  else:
+    abs_opt, opt_specs = opt_of(abs_params, p_specs)
+
+    def trainable_bytes(shape):
+      return tree_bytes(abs_params, p_specs, shape)[0], tree_bytes(abs_opt, opt_specs, shape)[0]
+    n_train = state_lib.num_params(abs_params)
 
   # Activations at the per-device batch: residuals of the student forward's backward.
   spec = data_lib.get_data_spec(c.data)
@@ -324,59 +427,48 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
           "pooled": jax.ShapeDtypeStruct((b, spec.pooled_dim), jnp.float32)}
   tvec = jax.ShapeDtypeStruct((b,), jnp.float32)
 
-  def residuals(mc):
-    gd, ap, _ = state_lib.param_specs(lambda rngs: models.create_model(mc, rngs=rngs),
-                                      mesh1, rules)
-    apply = state_lib.make_apply_fn(gd)
-    loss = lambda p, xx, tt, rr, cc: jnp.sum(apply(p, xx, tt, rr, cc))
-    # Under LoRA the base is not differentiated, but the activations still are: trace the
-    # residuals of the gradient with respect to the inputs and a dummy scale on x.
-    return _saved_residual_bytes(loss, ap, x, tvec, tvec, cond)
-
-  # Identical blocks: trace 1 and 2 blocks (each kind) and extrapolate linearly, exact for
-  # a stack of equal blocks and far faster than tracing 60 blocks.
-  t0 = time.perf_counter()
-  layer_key = "num_layers" if "num_layers" in model_config else "depth"
-  if layer_key not in model_config:
-    model_config[layer_key] = models.resolve_config(model_config).depth
-  n_layers = int(model_config[layer_key])
-  n_single = int(model_config.get("num_single_layers", 0) or 0)
+  # Head count, head width and MLP widths, for the tensor-parallel share of the residuals.
+  heads = int(model_config.get("num_attention_heads", model_config.get("num_heads", 0)) or 0)
+  head_dim = int(model_config.get("attention_head_dim", 0) or 0)
+  mlp_dims = frozenset(shape[1] for path, shape in _dense_paths(abs_params)
+                       if path[-1] == "fc1")
+  traced = {}
 
   def small(remat, layers, single=0):
-    mc = dict(model_config, remat=remat, **{layer_key: layers})
-    if "num_single_layers" in model_config:
-      mc["num_single_layers"] = single
-    if "dual_attention_layers" in model_config:
-      mc["dual_attention_layers"] = ()
-    return residuals(mc)
+    """Saved-residual bytes [other, per-head, MLP] of a small model."""
+    if (remat, layers, single) not in traced:     # 'none' traces repeat under remat 'none'
+      if lora:
+        gd, tr, _, fr = lora_small(remat, layers, single)
+        apply = lora_train.make_apply_fn(gd, time_input)
+        # Traced with the base differentiated too, so that its weights stay arguments (a
+        # stop_gradient would turn them into saved values); the extra residuals this adds
+        # are the inputs of the few untargeted projections (an upper bound).
+        loss = lambda p, f, xx, tt, rr, cc: jnp.sum(apply((p, f), xx, tt, rr, cc))
+        args = (tr, fr, x, tvec, tvec, cond)
+      else:
+        mc = small_config(remat, layers, single)
+        gd, ap, _ = state_lib.param_specs(lambda rngs: models.create_model(mc, rngs=rngs),
+                                          mesh1, rules)
+        apply = state_lib.make_apply_fn(gd)
+        loss = lambda p, xx, tt, rr, cc: jnp.sum(apply(p, xx, tt, rr, cc))
+        args = (ap, x, tvec, tvec, cond)
+      traced[(remat, layers, single)] = _saved_residual_bytes(
+          loss, *args, heads=heads, head_dim=head_dim, mlp_dims=mlp_dims)
+    return traced[(remat, layers, single)]
 
+  t0 = time.perf_counter()
   policy = model_config.get("remat", "none")
-  r1, r2 = small(policy, 1), small(policy, 2)
-  acts = r1 + (n_layers - 1) * (r2 - r1)
+  acts = extrapolate(lambda *k: small(policy, *k))
   block_acts = small("none", 2) - small("none", 1)
-  if n_single:
-    s1 = small(policy, 1, 1)
-    acts += n_single * (s1 - r1)
   trace_s = time.perf_counter() - t0
   compute_bytes = np.dtype(jnp.dtype(model_config.get("dtype", "float32"))).itemsize
-  if lora:
-    lt = txt_len
-    ti = math.prod(spec.x_shape[:2]) // 4
-    per_target_tokens = {"add": lt, "txt": lt, "timestep": 0}
-    lora_acts = 0
-    for path, _ in lora_targets(abs_params):
-      name = "/".join(path)
-      toks = next((v for k, v in per_target_tokens.items() if k in name), ti)
-      lora_acts += b * max(toks, 1) * setting.lora_rank * compute_bytes
-    acts += lora_acts
-
   # FLOPs of one step.
   tf_config = config_lib.tf_config(c)
+  ema_decay = float(tf_config.ema_decay)
   rows = lambda batch: losses.count_network_rows(
       batch, tf_config.replace(row_blocks=1))["ours"]
   fwd = models.flops_per_forward(model_config, 1, spec.x_shape[:2], txt_len=txt_len)
   n_params = state_lib.num_params(abs_params)
-  n_train = state_lib.num_params(train_tree)
 
   # Largest block's weights (for the FSDP working set).
   blocks = {}
@@ -389,7 +481,8 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
 
   out = {"model": model_config.get("name"), "mode": "lora" if lora else "full",
          "params": n_params, "trainable_params": n_train, "lora_rank": setting.lora_rank,
-         "per_device_batch": b, "x_shape": list(spec.x_shape), "txt_len": txt_len,
+         "lora_targets": c.lora.target_modules if lora else "", "per_device_batch": b,
+         "x_shape": list(spec.x_shape), "txt_len": txt_len,
          "remat": model_config.get("remat", "none"), "dtype": model_config.get("dtype"),
          "param_dtype": model_config.get("param_dtype"), "layers": n_layers,
          "flops_per_row_forward": fwd, "trace_s": trace_s, "meshes": []}
@@ -398,25 +491,48 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
     batch_shards = shape["data"] * shape["fsdp"]
     gb = b * batch_shards
     base, uneven = tree_bytes(abs_params, p_specs, shape)
-    train_b, _ = tree_bytes(train_tree, train_specs, shape) if lora else (base, [])
-    opt_b, _ = tree_bytes(abs_opt, opt_specs, shape)
+    train_b, opt_b = trainable_bytes(shape)
     ema_b = train_b * (1 + len(decays))
     grads_b = train_b
-    update_b = train_b + opt_b
+    # The step's teacher: the EMA updated from the old parameters before the loss (official
+    # order) lives next to the old EMA until the non-finite select; decay 0 (the online
+    # network) and 1 (frozen) make no new tree.
+    teacher_b = train_b if 0.0 < ema_decay < 1.0 else 0
+    # New parameters, optimizer state and evaluation EMAs, next to the old ones.
+    update_b = train_b * (1 + len(decays)) + opt_b
     params_b = base + (train_b if lora else 0)
-    gathered = block_params * compute_bytes * min(2, len(blocks)) * (shape["fsdp"] > 1)
-    unreduced = 0 if lora else block_params * 4 * (shape["fsdp"] > 1)
-    recompute = block_acts if model_config.get("remat", "none") != "none" else 0
-    work_b = recompute + gathered + unreduced
-    # XLA fuses the update into the non-finite select (the compiled step keeps no second
-    # copy; tests/test_memory_plan.py), so `update` is reported but not in the total.
-    total = params_b + opt_b + ema_b + grads_b + acts + work_b
+    fsdp = shape["fsdp"] > 1
+    acts_b = _tensor_share(acts, shape["tensor"], heads, mlp_dims)
+    if model_config.get("remat", "none") == "none":
+      # No remat: the backward all-gathers the same shards as the forward, XLA merges the
+      # two (CSE), so every gathered weight lives from its forward use to its backward use.
+      work_b = tree_bytes(abs_params, p_specs, dict(shape, fsdp=1),
+                          max_itemsize=compute_bytes, only_axis="fsdp")[0] if fsdp else 0
+    else:
+      # Remat: the recomputed block re-gathers its weights behind an optimisation barrier
+      # (no CSE), so the working set is per block: its activations without remat, its
+      # weights gathered (and the next block's, prefetched), its unreduced gradients.
+      gathered = block_params * compute_bytes * min(2, len(blocks)) * fsdp
+      unreduced = 0 if lora else block_params * 4 * fsdp
+      work_b = (_tensor_share(block_acts, shape["tensor"], heads, mlp_dims) + gathered
+                + unreduced)
+    state_b = params_b + opt_b + ema_b
+    # Two peaks. Backward: the saved activations are freed block by block while the
+    # gradients accumulate, so at most max(acts, grads) (equal blocks: linear in between)
+    # plus the working set. Update: the non-finite check reduces over all the new
+    # parameters before it selects between new and old state, so the new parameters and
+    # optimizer state exist next to the old (`update`).
+    backward_peak = state_b + teacher_b + max(acts_b, grads_b) + work_b
+    update_peak = state_b + teacher_b + update_b
+    total = max(backward_peak, update_peak)
     step_rows = rows(gb) + (1 if lora else 2) * gb
     cap = DEVICE_MEMORY_GIB[kind] * GIB
     out["meshes"].append({
         "device": kind, "devices": n, "mesh": shape, "global_batch": gb,
-        "bytes": {"params": params_b, "opt": opt_b, "ema": ema_b, "grads": grads_b,
-                  "update": update_b, "acts": acts, "work": work_b, "total": total},
+        "bytes": {"params": params_b, "opt": opt_b, "ema": ema_b, "teacher": teacher_b,
+                  "grads": grads_b, "update": update_b, "acts": acts_b, "work": work_b,
+                  "total": total},
+        "peak": "backward" if backward_peak >= update_peak else "update",
         "device_memory_gib": DEVICE_MEMORY_GIB[kind],
         "fits": total <= USABLE_FRACTION * cap and not uneven,
         "unshardable": uneven[:3],
@@ -426,8 +542,8 @@ def plan_setting(setting: Setting, meshes: list[tuple[str, dict[str, int]]]) -> 
 
 
 def format_table(plans: list[dict], markdown: bool = False) -> str:
-  cols = ("model", "mode", "mesh", "batch", "params", "opt", "ema", "grads", "update",
-          "acts", "work", "total", "mem", "fits", "PFLOP/step")
+  cols = ("model", "mode", "mesh", "batch", "params", "opt", "ema", "teacher", "grads",
+          "update", "acts", "work", "total", "peak", "mem", "fits", "PFLOP/step")
   rows = []
   for p in plans:
     for m in p["meshes"]:
@@ -437,8 +553,9 @@ def format_table(plans: list[dict], markdown: bool = False) -> str:
               else f"{m['device']}:{shape['data']}x{shape['fsdp']}x{shape['tensor']}")
       g = lambda k: f"{by[k] / GIB:.2f}"
       rows.append((p["model"], p["mode"], mesh, str(m["global_batch"]), g("params"), g("opt"),
-                   g("ema"), g("grads"), g("update"), g("acts"), g("work"), g("total"),
-                   f"{m['device_memory_gib']:.0f}", "yes" if m["fits"] else "NO",
+                   g("ema"), g("teacher"), g("grads"), g("update"), g("acts"), g("work"),
+                   g("total"), m["peak"], f"{m['device_memory_gib']:.0f}",
+                   "yes" if m["fits"] else "NO",
                    f"{m['flops_per_step'] / 1e15:.1f}"))
   if markdown:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -458,7 +575,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--config", default=None,
                  help="a twinflow_jax.main config file instead of --model (its model, loss, "
                       "optimizer, remat and batch; --per-device-batch overrides the batch)")
-  p.add_argument("--mode", default="full,lora", help="full, lora or both (comma list)")
+  p.add_argument("--mode", default=None,
+                 help="full, lora or both (comma list); default both, or full for a --config "
+                      "whose model is not a diffusers family (LoRA needs one)")
   p.add_argument("--meshes", default="v5p:64,v5p:256,v5p:512,h100:8,h100:64,h200:8,h200:64",
                  help="comma list of KIND:N (FSDP over N chips) or KIND:DATAxFSDPxTENSOR")
   p.add_argument("--per-device-batch", type=int, default=4,
@@ -466,7 +585,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--image-size", type=int, default=512, help="pixels (latent = size / 8)")
   p.add_argument("--txt-len", type=int, default=512, help="text tokens per prompt")
   p.add_argument("--remat", default="full", help="remat policy: none, full, dots, dots_no_batch")
-  p.add_argument("--lora-rank", type=int, default=LORA_RANK)
+  p.add_argument("--lora-rank", type=int, default=LORA_RANK,
+                 help="LoRA rank (a --config with lora.rank > 0 keeps its own rank and targets)")
   p.add_argument("--json", default=None, help="also write the plans as JSON")
   p.add_argument("--markdown", action="store_true", help="print a Markdown table")
   return p
@@ -475,8 +595,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from twinflow_jax.models.families import FAMILIES  # pylint: disable=g-import-not-at-top
   try:
     meshes = [parse_mesh(m) for m in args.meshes.split(",") if m.strip()]
+    if args.mode is None:
+      family = not args.config or not os.path.isfile(args.config) or (
+          _config_from_file(args.config).model.get("name") in FAMILIES)
+      args.mode = "full,lora" if family else "full"
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     if not modes or any(m not in ("full", "lora") for m in modes):
       raise ValueError(f"--mode {args.mode!r}: use full, lora or full,lora")
@@ -491,9 +616,14 @@ def main(argv=None) -> int:
         if c.data.source.startswith("arrayrecord") and not c.data.get("paths"):
           c.data.paths = "/nonexistent/plan.array_record"   # only the shapes are read
         if mode == "lora":
+          if c.model.get("name") not in FAMILIES:
+            raise ValueError(f"--mode lora plans the trainer's LoRA, which needs a diffusers "
+                             f"family model (config.model.name in {sorted(FAMILIES)}); "
+                             f"{args.config} has {c.model.get('name')!r}")
           c.model.param_dtype = "bfloat16"
+        rank = int(c.lora.get("rank", 0)) if "lora" in c else 0
         settings.append(Setting(c, args.per_device_batch,
-                                args.lora_rank if mode == "lora" else 0))
+                                (rank or args.lora_rank) if mode == "lora" else 0))
       else:
         s = model_setting(args.model, mode, per_device_batch=args.per_device_batch,
                           image_size=args.image_size, txt_len=args.txt_len, remat=args.remat)
