@@ -26,8 +26,8 @@ from twinflow_jax.models.attention import dot_product_attention
 from twinflow_jax.models.embeddings import (copy_params, timestep_embedding,
                                             timestep_frequencies)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
-                                        RMSNorm, layer_norm, modulate,
-                                        normal_002)
+                                        RMSNorm, check_text_cond, layer_norm,
+                                        modulate, normal_002)
 from twinflow_jax.models.rope import apply_rope, rope_tables
 from twinflow_jax.models.sharding import constrain
 
@@ -255,15 +255,7 @@ def check_inputs(model: str, cfg, x, t, r, cond, required: set[str],
                      f'{jnp.shape(t)}, {jnp.shape(r)}')
   if not isinstance(cond, Mapping) or not required <= set(cond):
     raise ValueError(f'{model} cond must be a dict with {cond_help}')
-  txt = cond['txt']
-  if (txt.ndim != 3 or txt.shape[0] != b
-      or txt.shape[2] != cfg.joint_attention_dim):
-    raise ValueError(f"cond['txt'] must be [{b}, L, "
-                     f'{cfg.joint_attention_dim}], got {txt.shape}')
-  mask = cond.get('txt_mask')
-  if mask is not None and mask.shape != txt.shape[:2]:
-    raise ValueError(f"cond['txt_mask'] must be {txt.shape[:2]}, got "
-                     f'{mask.shape}')
+  check_text_cond(cond, b, cfg.joint_attention_dim)
 
 
 def joint_rope(ids: np.ndarray, axes_dims: tuple[int, ...]

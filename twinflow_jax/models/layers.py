@@ -31,6 +31,16 @@ normal_002 = jax.nn.initializers.normal(0.02)
 zeros = jax.nn.initializers.zeros
 
 
+def check_text_cond(cond, batch: int, txt_dim: int) -> None:
+  """cond['txt'] must be [batch, L, txt_dim] and the optional cond['txt_mask'] [batch, L]."""
+  txt = cond['txt']
+  if txt.ndim != 3 or txt.shape[0] != batch or txt.shape[2] != txt_dim:
+    raise ValueError(f"cond['txt'] must be [{batch}, L, {txt_dim}], got {txt.shape}")
+  mask = cond.get('txt_mask')
+  if mask is not None and mask.shape != txt.shape[:2]:
+    raise ValueError(f"cond['txt_mask'] must be {txt.shape[:2]}, got {mask.shape}")
+
+
 class Dense(nnx.Module):
   """Linear map contracting the trailing `len(in_shape)` axes of its input.
 

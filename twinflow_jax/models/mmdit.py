@@ -23,7 +23,8 @@ from twinflow_jax.models.embeddings import (TIME_CONVENTIONS,
                                             TwinTimeEmbedder, patchify,
                                             sincos_2d_pos_embed, unpatchify)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
-                                        QKVProjection, layer_norm, modulate)
+                                        QKVProjection, check_text_cond, layer_norm,
+                                        modulate)
 from twinflow_jax.models.sharding import constrain
 
 
@@ -120,17 +121,11 @@ class MMDiT(nnx.Module):
     if not isinstance(cond, Mapping) or not {'txt', 'pooled'} <= set(cond):
       raise ValueError("MMDiT cond must be a dict with 'txt' [B, L, D_txt], "
                        "'pooled' [B, P] and optionally 'txt_mask' [B, L]")
-    txt, pooled = cond['txt'], cond['pooled']
-    if txt.ndim != 3 or txt.shape[0] != b or txt.shape[2] != cfg.txt_dim:
-      raise ValueError(f"cond['txt'] must be [{b}, L, {cfg.txt_dim}], got "
-                       f'{txt.shape}')
+    check_text_cond(cond, b, cfg.txt_dim)
+    pooled = cond['pooled']
     if pooled.shape != (b, cfg.pooled_dim):
       raise ValueError(f"cond['pooled'] must be [{b}, {cfg.pooled_dim}], got "
                        f'{pooled.shape}')
-    mask = cond.get('txt_mask')
-    if mask is not None and mask.shape != txt.shape[:2]:
-      raise ValueError(f"cond['txt_mask'] must be {txt.shape[:2]}, got "
-                       f'{mask.shape}')
 
   def __call__(self, x_t: jax.Array, t: jax.Array, r: jax.Array,
                cond: Mapping[str, jax.Array]) -> jax.Array:
