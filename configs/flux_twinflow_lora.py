@@ -26,7 +26,7 @@ and CLIP 'pooled' [768] (`python -m twinflow_jax.data.prepare --text_family=flux
   python -m twinflow_jax.main --config configs/flux_twinflow_lora.py \\
       --config.model.pretrained=/hf/FLUX.1-dev/transformer \\
       --config.train.init_from=/hf/FLUX.1-dev/transformer \\
-      --config.data.paths='/data/t2i/*.arrayrecord' --workdir /runs/flux_lora
+      --config.data.paths='/data/t2i/*.array_record' --workdir /runs/flux_lora
 """
 
 import importlib.util

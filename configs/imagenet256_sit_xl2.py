@@ -26,7 +26,7 @@ SD3.5 and 1e-4 for OpenUni). The official code has no ImageNet config: the globa
 of 256 and the LR of 1e-4 are this project's choice, not numbers quoted from the paper.
 
   python -m twinflow_jax.main --config configs/imagenet256_sit_xl2.py:/ckpt/sit_xl2 \\
-      --config.data.paths='gs://bucket/in256_latents/*.arrayrecord' --workdir gs://bucket/run
+      --config.data.paths='gs://bucket/in256_latents/*.array_record' --workdir gs://bucket/run
 """
 
 from twinflow_jax.train.config import base_config

@@ -17,7 +17,8 @@ The base stays bfloat16 (the official trainer keeps it in bf16, the adapters in 
 What it needs: the diffusers `transformer/` folder of Qwen-Image, given as
 --config.model.pretrained=DIR and --config.train.init_from=DIR (the frozen base), and
 ArrayRecord records of Qwen-Image-VAE latents [64, 64, 16] (normalised per channel by
-`twinflow_jax.data.prepare`) with Qwen2.5-VL text states 'txt' [1024, 3584] and
+`twinflow_jax.data.prepare`; pass it `--text_family=qwen_image --txt_len=1024`, its
+default is the diffusers pipeline's 512) with Qwen2.5-VL text states 'txt' [1024, 3584] and
 'txt_mask' (official max_sequence_length 1024; 'pooled' is required by the record format
 and ignored by the model): --config.data.paths=GLOB. A 20B base needs FSDP over many
 chips (benchmarks/memory_plan.py).
@@ -27,7 +28,7 @@ encoded "Generate an image."; `train.num_steps` instead of 4 epochs.
   python -m twinflow_jax.main --config configs/qwen_image_twinflow_lora.py \\
       --config.model.pretrained=/hf/Qwen-Image/transformer \\
       --config.train.init_from=/hf/Qwen-Image/transformer \\
-      --config.data.paths='/data/t2i/*.arrayrecord' --workdir /runs/qwen_lora
+      --config.data.paths='/data/t2i/*.array_record' --workdir /runs/qwen_lora
 """
 
 from twinflow_jax.train.config import base_config

@@ -19,8 +19,8 @@ What it needs:
   * the diffusers transformer folder of SD3.5-medium, given twice:
     --config.model.pretrained=DIR (architecture) --config.train.init_from=DIR (weights;
     for LoRA the frozen base, recorded in every checkpoint with a fingerprint);
-  * ArrayRecord records of SD3-VAE latents [64, 64, 16] with SD3 text features (T5-XXL
-    'txt' [256, 4096], 'pooled' [2048]; official max_sequence_length 256), made with
+  * ArrayRecord records of SD3-VAE latents [64, 64, 16] with SD3 text features (77 CLIP +
+    256 T5-XXL rows: 'txt' [333, 4096], 'pooled' [2048]; official max_sequence_length 256), made with
     `python -m twinflow_jax.data.prepare --text_family=sd3 ...`: --config.data.paths=GLOB.
 Deviations from the official trainer: the unconditional e is the null text (zero
 embeddings, `train.uncond='zeros'`) instead of the encoded negative prompt "Generate an
@@ -30,7 +30,7 @@ image." (records hold no negative prompt); training runs for `train.num_steps` i
   python -m twinflow_jax.main --config configs/sd35_twinflow.py:lora \\
       --config.model.pretrained=/hf/sd3.5-medium/transformer \\
       --config.train.init_from=/hf/sd3.5-medium/transformer \\
-      --config.data.paths='/data/t2i/*.arrayrecord' --workdir /runs/sd35_lora
+      --config.data.paths='/data/t2i/*.array_record' --workdir /runs/sd35_lora
 """
 
 from twinflow_jax.train.config import base_config
@@ -63,7 +63,7 @@ def get_config(variant: str | None = None):
   c.data.latent_dtype = "bfloat16"
   c.data.latent_shift = 0.0609                  # SD3 VAE shift_factor
   c.data.latent_scale = 1.5305                  # SD3 VAE scaling_factor
-  c.data.txt_len = 256                          # max_sequence_length of modeling_sd_3.py
+  c.data.txt_len = 333                          # 77 CLIP + 256 T5 (max_sequence_length of modeling_sd_3.py)
   c.data.txt_dim = 4096
   c.data.pooled_dim = 2048
   c.data.txt_dtype = "bfloat16"

@@ -5,7 +5,8 @@ What it is for: the paper's text-to-image setting at a configurable scale; the d
 is an SD3-medium-sized MMDiT ('MMDiT-d24/2', ~2B parameters) at 512 px.
 What it needs:
   * data: ArrayRecord files of SD3-VAE latents [64, 64, 16] plus text features: 'txt'
-    [txt_len, 4096] (T5-XXL), 'txt_mask' [txt_len], 'pooled' [2048] (CLIP-L + CLIP-G),
+    [txt_len, 4096] (77 CLIP-L/G rows + the T5-XXL tokens: 333 with `data.prepare
+    --text_family=sd3`'s default), 'txt_mask' [txt_len], 'pooled' [2048] (CLIP-L + CLIP-G),
     made with `python -m twinflow_jax.data.prepare --vae=SD3/vae --jsonl=PAIRS
     --text_encoder=SD3 --text_family=sd3 --image_size=512 --latent_dtype=bfloat16
     --output=DIR` (it prints the config.data fields to use) or written with
@@ -20,7 +21,7 @@ pipeline also substitutes for 10% of the prompts. The rectification weight follo
 official OpenUni text-to-image configs (dmc = 0.75, EMA 0.99; TWINFLOW.md sections 2, 4).
 
   python -m twinflow_jax.main --config configs/t2i_mmdit.py \\
-      --config.data.paths='gs://bucket/t2i/*.arrayrecord' --workdir gs://bucket/t2i_run
+      --config.data.paths='gs://bucket/t2i/*.array_record' --workdir gs://bucket/t2i_run
 """
 
 from twinflow_jax.train.config import base_config
@@ -39,7 +40,7 @@ def get_config():
   c.data.latent_dtype = "bfloat16"
   c.data.latent_shift = 0.0609     # SD3 VAE
   c.data.latent_scale = 1.5305
-  c.data.txt_len = 256
+  c.data.txt_len = 333            # 77 CLIP + 256 T5 tokens, as data.prepare --text_family=sd3
   c.data.txt_dim = 4096
   c.data.pooled_dim = 2048
   c.data.txt_dtype = "bfloat16"

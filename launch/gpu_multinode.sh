@@ -9,7 +9,7 @@
 #   # on node i of 4 (i = 0..3):
 #   COORDINATOR=node0:12345 NUM_PROCESSES=4 PROCESS_ID=$i WORKDIR=/shared/runs/in256 \
 #     CONFIG=configs/imagenet256_sit_xl2.py:/shared/ckpt/sit_xl2 launch/gpu_multinode.sh \
-#     --config.data.paths='/shared/in256_latents/*.arrayrecord'
+#     --config.data.paths='/shared/in256_latents/*.array_record'
 #   DRY_RUN=1 launch/gpu_multinode.sh    # print the command, run nothing
 set -euo pipefail
 

@@ -12,7 +12,7 @@
 #
 #   QR=my-qr ZONE=us-east5-a NUM_SLICES=2 WORKDIR=gs://my-bucket/runs/in256 \
 #     CONFIG=configs/imagenet256_sit_xl2.py:gs://my-bucket/ckpt/sit_xl2 \
-#     launch/tpu_multislice.sh --config.data.paths='gs://my-bucket/in256_latents/*.arrayrecord'
+#     launch/tpu_multislice.sh --config.data.paths='gs://my-bucket/in256_latents/*.array_record'
 #   DRY_RUN=1 launch/tpu_multislice.sh  # print the commands, run nothing
 set -euo pipefail
 

@@ -10,7 +10,7 @@
 #
 #   TPU=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://my-bucket/runs/in256 \
 #     CONFIG=configs/imagenet256_sit_xl2.py:gs://my-bucket/ckpt/sit_xl2 launch/tpu_pod.sh \
-#     --config.data.paths='gs://my-bucket/in256_latents/*.arrayrecord'
+#     --config.data.paths='gs://my-bucket/in256_latents/*.array_record'
 #   DRY_RUN=1 launch/tpu_pod.sh         # print the commands, run nothing
 #
 # Re-running the same line after a preemption resumes from the newest checkpoint. On a

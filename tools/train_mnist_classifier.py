@@ -3,7 +3,7 @@ r"""Trains the offline MNIST judge (`twinflow_jax.evaluation.classifier`) at one
 Trains on the 4000 training digits of the fixed split (`evaluation.mnist.split_indices`),
 prepared exactly as the trainer's data (pad to 32, resize to S x S, [-1, 1]), with random
 translations of up to S/16 pixels, reports the accuracy on the 1000 held-out digits and
-writes the weights (about 0.3 MB) into the package:
+writes the weights (about 160 kB) into the package:
 
   python tools/train_mnist_classifier.py --resolution 16      # ~1 min on 2 CPU cores
   python tools/train_mnist_classifier.py --resolution 32 --out /tmp/clf32.npz
