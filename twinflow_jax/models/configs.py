@@ -76,7 +76,7 @@ class _TransformerConfig(RuntimeOptionsMixin):
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
   remat: str = 'none'  # key of REMAT_POLICIES
-  attention: str = 'xla'  # see attention.attention_names()
+  attention: str = 'auto'  # einsum on CPU, else jax.nn's choice; attention_names()
   r_embedder_init: str = 'copy'  # 'copy' | 'small'
   time_convention: str = 'twinflow'  # see embeddings.TIME_CONVENTIONS
   freq_dim: int = 256

@@ -96,7 +96,7 @@ class FluxConfig(DiffusersConfigMixin):
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: str = 'none'
-  attention: str = 'xla'
+  attention: str = 'auto'
   pretrained: str = ''  # diffusers folder the architecture fields came from
 
 

@@ -98,7 +98,7 @@ class QwenImageConfig(DiffusersConfigMixin):
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: str = 'none'
-  attention: str = 'xla'
+  attention: str = 'auto'
   pretrained: str = ''  # diffusers folder the architecture fields came from
 
 

@@ -88,7 +88,7 @@ class SD3Config(RuntimeOptionsMixin):
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: str = 'none'
-  attention: str = 'xla'
+  attention: str = 'auto'
   r_embedder: bool = True
   pretrained: str = ''
 
