@@ -78,10 +78,10 @@ def main(argv=None):
     t0 = time.time()
     result = loop.train(config, workdir)
     train_seconds = round(time.time() - t0, 1)
-    losses = [h["loss"] for h in result.history if "loss" in h]   # eval records have none
-    final = f"{losses[-1]:.4f}" if losses else "n/a"
+    # The last record may be an evaluation's, which has no loss.
+    final = next((h["loss"] for h in reversed(result.history) if "loss" in h), float("nan"))
     print(f"[{args.name}] trained {result.step} steps in {train_seconds}s; final loss "
-          f"{final}", flush=True)
+          f"{final:.4f}", flush=True)
   weights = args.weights.split(",")
   res = mnist_nfe.evaluate_run(workdir, weights=weights, presets=args.presets.split(","),
                                num=args.num)

@@ -20,8 +20,9 @@ What it needs:
     --config.model.pretrained=DIR (architecture) --config.train.init_from=DIR (weights;
     for LoRA the frozen base, recorded in every checkpoint with a fingerprint);
   * ArrayRecord records of SD3-VAE latents [64, 64, 16] with SD3 text features (77 CLIP +
-    256 T5-XXL rows: 'txt' [333, 4096], 'pooled' [2048]; official max_sequence_length 256), made with
-    `python -m twinflow_jax.data.prepare --text_family=sd3 ...`: --config.data.paths=GLOB.
+    256 T5-XXL rows: 'txt' [333, 4096], 'pooled' [2048]; official max_sequence_length
+    256), made with `python -m twinflow_jax.data.prepare --text_family=sd3 ...`:
+    --config.data.paths=GLOB.
 Deviations from the official trainer: the unconditional e is the null text (zero
 embeddings, `train.uncond='zeros'`) instead of the encoded negative prompt "Generate an
 image." (records hold no negative prompt); training runs for `train.num_steps` instead of
@@ -63,7 +64,7 @@ def get_config(variant: str | None = None):
   c.data.latent_dtype = "bfloat16"
   c.data.latent_shift = 0.0609                  # SD3 VAE shift_factor
   c.data.latent_scale = 1.5305                  # SD3 VAE scaling_factor
-  c.data.txt_len = 333                          # 77 CLIP + 256 T5 (max_sequence_length of modeling_sd_3.py)
+  c.data.txt_len = 333                          # 77 CLIP + 256 T5 (modeling_sd_3.py)
   c.data.txt_dim = 4096
   c.data.pooled_dim = 2048
   c.data.txt_dtype = "bfloat16"
