@@ -19,8 +19,8 @@ Models (`--models`, comma list):
   any other DiT-*/p or MMDiT name is built the same way.
 
   python3 benchmarks/train_throughput.py [--models default,DiT-B/2,DiT-XL/2] [--batch 4] \
-      [--dtype float32|bfloat16] [--attention auto] [--remat none] [--mesh -1,1,1] \
-      [--row-blocks 0] [--steps 5] [--json out.json]
+      [--dtype float32|bfloat16] [--attention auto] [--remat none] [--scan-blocks] \
+      [--mesh -1,1,1] [--row-blocks 0] [--steps 5] [--json out.json]
 
 `--row-blocks 0` (default) sets loss.row_blocks to the number of batch shards (1 on one
 device), the choice for pods. Runs on CPU, GPU and TPU; on several processes run it on
@@ -105,6 +105,8 @@ def model_config(name: str, args) -> tuple[object, int]:
     c.model.attention = args.attention
   if args.remat:
     c.model.remat = args.remat
+  if args.scan_blocks:
+    c.model.scan_blocks = True
   c.train.global_batch_size = batch
   c.train.compilation_cache_dir = ""
   data, fsdp, tensor = (int(v) for v in args.mesh.split(","))
@@ -162,6 +164,7 @@ def bench_model(name: str, args, peak: dict) -> dict:
   return {
       "model": name, "model_name": c.model.name, "batch": batch, "dtype": args.dtype,
       "attention": c.model.get("attention", "xla"), "remat": c.model.get("remat", "none"),
+      "scan_blocks": bool(c.model.get("scan_blocks", False)),
       "mesh": dict(mesh.shape), "row_blocks": c.loss.row_blocks,
       "compile_s": compile_s, "step_s": step_s, "step_s_min": min(times),
       "steps_per_s": 1 / step_s, "examples_per_s": batch / step_s,
@@ -183,6 +186,8 @@ def main(argv=None):
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--attention", default="", help="model attention impl (default: config's)")
   ap.add_argument("--remat", default="", help="model remat policy (default: config's)")
+  ap.add_argument("--scan-blocks", action="store_true",
+                  help="model.scan_blocks: one lax.scan over the DiT blocks (fast compile)")
   ap.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor (one may be -1)")
   ap.add_argument("--row-blocks", type=int, default=0,
                   help="loss.row_blocks; 0 = the number of batch shards")

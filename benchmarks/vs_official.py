@@ -13,7 +13,9 @@ Each side runs in its own worker process (JAX under this interpreter, PyTorch un
 Peak memory comes from a separate pass per side that only builds the step (JAX: compiled,
 or read from `--jax-cache`), warms it up, then resets the kernel's resident-set high-water
 mark and runs one more step: "peak RSS while stepping" is what a training run holds; the
-process peak including setup and XLA compilation is printed beside it.
+process peak including setup and XLA compilation is printed beside it. On a GPU each
+worker also reports its allocator's peak device memory over building and timing (run JAX
+with XLA_PYTHON_CLIENT_PREALLOCATE=false: both workers share the device).
 
 The official code is not part of this project: give a checkout of inclusionAI/TwinFlow
 with `--official-repo` (its `src/methodes/twinflow/twinflow.py` is loaded from there). On a
@@ -466,13 +468,18 @@ def main(argv=None):
     print(f"round {r + 1}/{args.rounds}: " + ", ".join(
         f"{s}/{k} {statistics.median(times[(s, k)]):.3f}s" for s in sides for k in what),
         flush=True)
-  for w in workers.values():
+  device_mib = {}
+  for side, w in workers.items():
+    device_mib[side] = w.ask(op="stats")["peak_device_mib"]   # None on CPU
     w.close()
 
   result = {"args": {k: v for k, v in vars(args).items() if k != "worker"},
             "uptime": open("/proc/loadavg").read().split()[:3],
             "info": {s: w.hello["info"] for s, w in workers.items()},
             "flops": _flops(args), "median_s": {}, "min_s": {}}
+  for side, mib in device_mib.items():
+    if mib is not None:   # the peak over building and timing every kind
+      result[f"{side}/peak_device_mib"] = mib
   for (s, k), v in times.items():
     result["median_s"][f"{s}/{k}"] = statistics.median(v)
     result["min_s"][f"{s}/{k}"] = min(v)
@@ -495,9 +502,9 @@ def main(argv=None):
                     f"[{result['min_s'][f'{s}/{kind}']:.3f}]" for s in sides)
     ratio = ""
     if "torch" in sides:
-      ratio = "".join(
-          f"  torch/{s} = {result['median_s'][f'torch/{kind}'] / result['median_s'][f'{s}/{kind}']:.2f}x"
-          for s in sides if s != "torch")
+      med = result["median_s"]
+      ratio = "".join(f"  torch/{s} = {med[f'torch/{kind}'] / med[f'{s}/{kind}']:.2f}x"
+                      for s in sides if s != "torch")
     print(f"  {kind:5s} {row}{ratio}")
   if "step" in what:
     for side in sides:
@@ -507,9 +514,14 @@ def main(argv=None):
       mfu = ""
       if args.peak_flops:
         result[f"{side}/step_mfu"] = achieved / args.peak_flops
-        mfu = f", MFU {100 * achieved / args.peak_flops:.1f}% of {args.peak_flops / 1e12:.1f} TFLOP/s"
+        mfu = (f", MFU {100 * achieved / args.peak_flops:.1f}% of "
+               f"{args.peak_flops / 1e12:.1f} TFLOP/s")
       print(f"  {side} step: {flops / 1e12:.3f} model TFLOP (backward = 2 forwards), "
             f"{achieved / 1e12:.3f} TFLOP/s{mfu}")
+  for side in sides:
+    if f"{side}/peak_device_mib" in result:
+      print(f"  {side} peak device memory over all timed kinds "
+            f"{result[f'{side}/peak_device_mib']:.0f} MiB")
   for side in sides:
     if f"{side}/step_peak_rss_mib" in result:
       if f"{side}/step_peak_device_mib" in result:

@@ -65,6 +65,7 @@ def test_named_sizes():
     ({'input_size': 9}, 'input_size'),
     ({'num_heads': 5}, 'hidden_size'),
     ({'num_classes': 0}, 'num_classes'),
+    ({'scan_blocks': 1}, 'scan_blocks'),
     ({'colour': 'red'}, 'colour'),
 ])
 def test_bad_config_names_the_field(override, field):
@@ -178,6 +179,31 @@ def test_bfloat16_compute_and_remat(random_model):
   np.testing.assert_allclose(g['blocks'][0]['qkv']['proj']['kernel'][...],
                              g_ref['blocks'][0]['qkv']['proj']['kernel'][...],
                              atol=1e-6)
+
+
+@pytest.mark.parametrize('remat', ['none', 'dots'])
+def test_scan_blocks_is_the_same_function(random_model, remat):
+  # One lax.scan over the stacked block weights = the unrolled loop, values
+  # and gradients; the parameter tree (checkpoints, sharding) is unchanged.
+  params = nnx.state(random_model, nnx.Param)
+  scanned = create_model(dict(TINY, depth=2, scan_blocks=True, remat=remat),
+                         rngs=nnx.Rngs(1))
+  assert jax.tree.structure(nnx.state(scanned, nnx.Param)) == \
+      jax.tree.structure(params)
+  nnx.update(scanned, params)
+  x, t, y = inputs()
+  np.testing.assert_allclose(forward(scanned, x, t, 0.5 * t, y),
+                             forward(random_model, x, t, 0.5 * t, y),
+                             atol=1e-5)
+
+  def loss(m):
+    return jnp.mean(m(x, t, 0.5 * t, y)**2)
+
+  grad = nnx.jit(nnx.grad(loss))
+  g, g_ref = grad(scanned), grad(random_model)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  assert float(jnp.abs(g['blocks'][1]['mlp']['fc2']['kernel'][...]).sum()) > 0
 
 
 def test_non_square_and_other_sizes(random_model):

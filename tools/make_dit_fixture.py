@@ -73,7 +73,7 @@ class TimestepEmbedder(nn.Module):
   def forward(self, t):
     half = self.freq // 2
     freqs = torch.exp(-math.log(10000) *
-                      torch.arange(half, dtype=torch.float32) / half)
+                      torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return self.mlp(emb.to(self.mlp[0].weight.dtype))

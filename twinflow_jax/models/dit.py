@@ -23,16 +23,33 @@ from twinflow_jax.models.sharding import constrain
 TOKENS = ('activation_batch', 'activation_length', 'activation_embed')
 
 
-def apply_blocks(blocks, policy, x, *args):
-  """Runs `x = block(x, *args)` over blocks, each rematerialised by policy."""
+def apply_blocks(blocks, policy, x, *args, scan: bool = False):
+  """Runs `x = block(x, *args)` over blocks, each rematerialised by policy.
+
+  With `scan`, the blocks (all of one structure) run as one `lax.scan` over
+  their weights stacked on a leading axis; same function, one block to compile.
+  """
 
   def call(block, x, *args):
     return block(x, *args)
 
+  if not scan:
+    if policy is not None:
+      call = nnx.remat(call, policy=policy, prevent_cse=True)
+    for block in blocks:
+      x = call(block, x, *args)
+    return x
+
+  graphdef, first = nnx.split(blocks[0])
+  states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+  def body(x, state):
+    return nnx.merge(graphdef, state)(x, *args), None
+
   if policy is not None:
-    call = nnx.remat(call, policy=policy, prevent_cse=True)
-  for block in blocks:
-    x = call(block, x, *args)
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, stacked)
   return x
 
 
@@ -124,7 +141,8 @@ class DiT(nnx.Module):
     h = constrain(h, TOKENS)
     c = constrain(c.astype(cfg.compute_dtype),
                   ('activation_batch', 'activation_embed'))
-    h = apply_blocks(self.blocks, cfg.remat_policy, h, c)
+    h = apply_blocks(self.blocks, cfg.remat_policy, h, c,
+                     scan=cfg.scan_blocks)
     out = self.final_layer(h, c)
     return unpatchify(out, gh, gw, p, self.out_channels).astype(jnp.float32)
 
