@@ -119,7 +119,8 @@ class DiTConfig(_TransformerConfig):
   # Run the blocks as one `lax.scan` over their stacked weights: the compiled
   # program holds one block instead of `depth`, so compiling DiT-XL/2 takes a
   # fraction of the time and memory; the weights stay per block (checkpoints
-  # and sharding are unchanged) and are stacked inside each call.
+  # and sharding are unchanged) and are stacked inside each call, which makes
+  # a step somewhat slower (docs/models.md).
   scan_blocks: bool = False
 
 
