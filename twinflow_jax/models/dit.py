@@ -29,20 +29,19 @@ def apply_blocks(blocks, policy, x, *args, scan: bool = False):
   With `scan`, the blocks (all of one structure) run as one `lax.scan` over
   their weights stacked on a leading axis; same function, one block to compile.
   """
-
-  def call(block, x, *args):
-    return block(x, *args)
-
   if not scan:
+    def call(block, x, *args):
+      return block(x, *args)
+
     if policy is not None:
       call = nnx.remat(call, policy=policy, prevent_cse=True)
     for block in blocks:
       x = call(block, x, *args)
     return x
 
-  graphdef, first = nnx.split(blocks[0])
-  states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+  graphdef = nnx.graphdef(blocks[0])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                         *(nnx.state(b) for b in blocks))
 
   def body(x, state):
     return nnx.merge(graphdef, state)(x, *args), None
