@@ -163,7 +163,7 @@ def bench_model(name: str, args, peak: dict) -> dict:
   mem = compiled.memory_analysis()
   return {
       "model": name, "model_name": c.model.name, "batch": batch, "dtype": args.dtype,
-      "attention": c.model.get("attention", "xla"), "remat": c.model.get("remat", "none"),
+      "attention": c.model.get("attention", "auto"), "remat": c.model.get("remat", "none"),
       "scan_blocks": bool(c.model.get("scan_blocks", False)),
       "mesh": dict(mesh.shape), "row_blocks": c.loss.row_blocks,
       "compile_s": compile_s, "step_s": step_s, "step_s_min": min(times),
