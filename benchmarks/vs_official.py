@@ -17,6 +17,11 @@ process peak including setup and XLA compilation is printed beside it. On a GPU 
 worker also reports its allocator's peak device memory over building and timing (run JAX
 with XLA_PYTHON_CLIENT_PREALLOCATE=false: both workers share the device).
 
+The PyTorch worker runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`) unless the
+environment sets it: with OpenMP's default its idle threads spin on the shared cores while
+the JAX worker is timed, which made the JAX side up to 1.6x slower in the measurements
+before 2026-11-30 19:30 UTC (docs/performance.md).
+
 The official code is not part of this project: give a checkout of inclusionAI/TwinFlow
 with `--official-repo` (its `src/methodes/twinflow/twinflow.py` is loaded from there). On a
 machine without CUDA its `torch.cuda.get_rng_state` / `set_rng_state` calls (which replay
@@ -369,6 +374,11 @@ class Worker:
                       env.get("PYTHONPATH", "")] if p)
       if args.jax_xla_flags and not before:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.jax_xla_flags).strip()
+    if kind == "torch" and args.omp_wait_policy:
+      # PyTorch's OpenMP threads otherwise keep spinning between its calls, on the cores
+      # the JAX worker is timed on (measured: the JAX fm call 9.3 s beside an idle torch
+      # worker with the default policy, 5.9 s with PASSIVE; torch itself was no slower).
+      env.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
     if kind == "jax" and args.jax_cache:
       # The memory pass compiles the step again: let it come from the cache.
       env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(args.jax_cache, side)
@@ -435,6 +445,9 @@ def main(argv=None):
   ap.add_argument("--baseline-model", default="{}",
                   help="JSON model overrides of the baseline worker")
   ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+  ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                  help="OMP_WAIT_POLICY of the PyTorch worker unless the environment sets "
+                       "it ('' = OpenMP's default: its idle threads spin on the cores)")
   ap.add_argument("--jax-cache", default="", help="persistent compilation cache folder of "
                   "the JAX workers (one per worker; the memory pass then skips compiling)")
   ap.add_argument("--peak-flops", type=float, default=0.0,

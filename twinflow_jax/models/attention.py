@@ -47,10 +47,13 @@ def _logits_dtype(q):
   return jnp.promote_types(q.dtype, jnp.float32)
 
 
-def _masked_logits(q, k, key_mask, scale):
-  """[B, N, T, H] x [B, N, S, H] -> logits [B, N, T, S], float32 or wider."""
-  dt = _logits_dtype(q)
-  logits = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=dt) * scale
+def _masked_logits(qs, k, key_mask):
+  """[B, N, T, H] (queries already scaled) x [B, N, S, H] -> logits [B, N, T, S].
+
+  The logits are float32 or wider.
+  """
+  dt = _logits_dtype(qs)
+  logits = jnp.einsum('bnth,bnsh->bnts', qs, k, preferred_element_type=dt)
   if key_mask is not None:
     big_neg = jnp.finfo(dt).min * 0.7   # as jax.nn's masking value
     logits = jnp.where(key_mask[:, None, None, :], logits, big_neg)
@@ -62,27 +65,34 @@ def _attention_bnth(q, k, v, key_mask, scale):
   return _attention_bnth_fwd(q, k, v, key_mask, scale)[0]
 
 
+# Elementwise work on the [B, N, T, S] logits and probabilities costs as much as a matrix
+# product of the same size on CPU, so it is kept off them where it can go elsewhere: the
+# scale goes onto q ([B, N, T, H], exact for power-of-two scales such as 1/8 at H = 64),
+# the softmax normaliser onto the output, and the scale of the logits' gradient onto dq.
 def _attention_bnth_fwd(q, k, v, key_mask, scale):
-  logits = _masked_logits(q, k, key_mask, scale)
+  dt = _logits_dtype(q)
+  qs = q * jnp.asarray(scale, q.dtype)
+  logits = _masked_logits(qs, k, key_mask)
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - m)
   s = jnp.sum(e, axis=-1, keepdims=True)
-  o = jnp.einsum('bnts,bnsh->bnth', (e / s).astype(v.dtype), v)
+  o = jnp.einsum('bnts,bnsh->bnth', e.astype(v.dtype), v, preferred_element_type=dt)
+  o = (o / s).astype(v.dtype)
   lse = m + jnp.log(s)                                    # [B, N, T, 1]
-  return o, (q, k, v, key_mask, o, lse)
+  return o, (qs, k, v, key_mask, o, lse)
 
 
 def _attention_bnth_bwd(scale, res, do):
-  q, k, v, key_mask, o, lse = res
-  dt = _logits_dtype(q)
-  p = jnp.exp(_masked_logits(q, k, key_mask, scale) - lse)   # float32 or wider
+  qs, k, v, key_mask, o, lse = res
+  dt = _logits_dtype(qs)
+  p = jnp.exp(_masked_logits(qs, k, key_mask) - lse)        # float32 or wider
   dv = jnp.einsum('bnts,bnth->bnsh', p.astype(v.dtype), do, preferred_element_type=dt)
   dp = jnp.einsum('bnth,bnsh->bnts', do, v, preferred_element_type=dt)
   delta = jnp.sum(do.astype(dt) * o.astype(dt), axis=-1, keepdims=True)
-  ds = (p * (dp - delta) * scale).astype(q.dtype)
-  dq = jnp.einsum('bnts,bnsh->bnth', ds, k, preferred_element_type=dt)
-  dk = jnp.einsum('bnts,bnth->bnsh', ds, q, preferred_element_type=dt)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  ds = (p * (dp - delta)).astype(qs.dtype)                 # d loss / d logits
+  dq = jnp.einsum('bnts,bnsh->bnth', ds, k, preferred_element_type=dt) * scale
+  dk = jnp.einsum('bnts,bnth->bnsh', ds, qs, preferred_element_type=dt)
+  return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention_bnth.defvjp(_attention_bnth_fwd, _attention_bnth_bwd)
