@@ -11,6 +11,12 @@ products, e.g. a layer's input and weight gradients, into one) counts as its pro
   python3 benchmarks/op_profile.py [--what fm] [--model DiT-S/2] [--batch 16] \
       [--attention auto] [--top 25]
 
+Products XLA runs as asynchronous Eigen contractions (e.g. a weight gradient whose
+operand is transposed) have events that cover only their launch: they show an impossible
+rate (thousands of GFLOP/s) and their compute is counted in the operation that runs
+beside them (DiT-S/2's MLP weight gradient inside its input gradient, which then looks
+half as fast as it is).
+
 The events cover the operations XLA's CPU runtime runs itself; time outside them (the
 runtime's own scheduling, idle threads) shows as the gap between the events' span and the
 call's wall time. On a 2-core machine the two runtime threads rarely overlap, so the sum of
