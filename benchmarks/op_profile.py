@@ -1,14 +1,15 @@
 r"""Where the time of one compiled DiT call goes, per XLA operation (CPU).
 
-Traces one call of a compiled forward (`fwd`) or flow-matching forward + backward (`fm`,
-as in `vs_official.py`) with `jax.profiler`, reads the trace back with
+Traces one call of a compiled forward (`fwd`), flow-matching forward + backward (`fm`)
+or TwinFlow train step (`step`), the very programs `vs_official.py` times, with
+`jax.profiler`, reads the trace back with
 `jax.profiler.ProfileData` (no TensorBoard needed) and sums the XLA CPU runtime's
 per-operation events. Operations with the same shape signature are grouped: matrix
 products by operand shapes and contraction (their GFLOP/s from the HLO shapes), other
 fusions by their kind. A fusion holding products (XLA may put two independent
 products, e.g. a layer's input and weight gradients, into one) counts as its products.
 
-  python3 benchmarks/op_profile.py [--what fm] [--model DiT-S/2] [--batch 16] \
+  python3 benchmarks/op_profile.py [--what fm|fwd|step] [--model DiT-S/2] [--batch 16] \
       [--attention auto] [--top 25]
 
 Products XLA runs as asynchronous Eigen contractions (e.g. a weight gradient whose
@@ -19,8 +20,8 @@ half as fast as it is).
 
 The events cover the operations XLA's CPU runtime runs itself; time outside them (the
 runtime's own scheduling, idle threads) shows as the gap between the events' span and the
-call's wall time. On a 2-core machine the two runtime threads rarely overlap, so the sum of
-events is close to the wall time.
+call's wall time. Independent operations may run at once on the runtime's threads: on 2
+cores the events of DiT-S/2's fm sum to about its wall time, those of the step to 1.3x.
 """
 
 from __future__ import annotations
@@ -30,41 +31,19 @@ import collections
 import glob
 import json
 import math
+import os
 import re
+import sys
 import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from twinflow_jax import models
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vs_official  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _DEF = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ")
 _SHAPE = re.compile(r"\w+\[([\d,]*)\]")
-
-
-def build(args):
-  """The compiled call and its arguments."""
-  cfg = {"name": args.model, "in_channels": args.channels, "input_size": args.size,
-         "num_classes": 1000, "dtype": args.dtype}
-  if args.attention:
-    cfg["attention"] = args.attention
-  graphdef, params, rest = models.split_model(models.create_model(cfg, rngs=nnx.Rngs(0)))
-  apply_fn = models.as_apply_fn(graphdef, rest)
-  rng = np.random.default_rng(0)
-  shape = (args.batch, args.size, args.size, args.channels)
-  x, z = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
-  t = jnp.asarray(rng.uniform(0, 1, args.batch), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32)
-  if args.what == "fwd":
-    return jax.jit(lambda p, x, t, y: apply_fn(p, x, t, t, y)), (params, x, t, y)
-
-  def loss(p, x, z, t, y):
-    tb = t[:, None, None, None]
-    return jnp.mean(jnp.square(apply_fn(p, tb * z + (1 - tb) * x, t, t, y) - (z - x)))
-  return jax.jit(jax.value_and_grad(loss)), (params, x, z, t, y)
 
 
 def _dims(shape_text: str) -> list[int]:
@@ -135,7 +114,7 @@ def group_ops(hlo: str, durations: dict[str, int]) -> list[tuple[str, float, int
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--what", default="fm", choices=("fwd", "fm"))
+  ap.add_argument("--what", default="fm", choices=vs_official.KINDS)
   ap.add_argument("--model", default="DiT-S/2")
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--size", type=int, default=32)
@@ -145,13 +124,14 @@ def main(argv=None):
   ap.add_argument("--top", type=int, default=25)
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
-  fn, fargs = build(args)
-  compiled = fn.lower(*fargs).compile()
-  jax.block_until_ready(compiled(*fargs))   # warm-up
+  args.jax_model = json.dumps({"attention": args.attention} if args.attention else {})
+  side = vs_official.JaxSide(args)
+  side.build(args.what)   # compiled and warmed up
+  compiled, run = side.compiled[args.what], side.fns[args.what]
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*fargs))
+    jax.block_until_ready(run())
     wall = time.perf_counter() - t0
     jax.profiler.stop_trace()
     data = jax.profiler.ProfileData.from_file(

@@ -109,6 +109,7 @@ class JaxSide:
     self.y = jnp.asarray(rng.integers(0, 1000, b), jnp.int32)
     self.info = {"jax": jax.__version__, "model": self.model_cfg}
     self.fns = {}
+    self.compiled = {}   # kind -> the compiled program (benchmarks/op_profile.py)
     self.params = self.apply_fn = None
     if set(args.what.split(",")) - {"step"}:   # the step builds its own state
       model = models.create_model(self.model_cfg, rngs=nnx.Rngs(0))
@@ -143,6 +144,7 @@ class JaxSide:
     if mem is not None:
       self.info[f"{kind}/temp_mib"] = mem.temp_size_in_bytes / 2**20
     self.fns[kind] = run
+    self.compiled[kind] = compiled
     jax.block_until_ready(run())   # warm-up
 
   def _build_step(self):
