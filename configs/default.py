@@ -46,7 +46,9 @@ def get_config():
   c.train.uncond = "null"
 
   c.optim.name = "adamw"
-  c.optim.lr = 1e-3
+  # 2e-3 (1e-3 until 2026-11-30): 1-NFE class accuracy 0.974 against 0.956 (worst class
+  # 0.92 against 0.86), classifier FID 12.7 against 12.0, pixel diversity 0.80 against 0.82.
+  c.optim.lr = 2e-3
   c.optim.schedule = "warmup_cosine"
   c.optim.warmup_steps = 100
   c.optim.min_lr_ratio = 0.05

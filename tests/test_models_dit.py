@@ -206,6 +206,41 @@ def test_scan_blocks_is_the_same_function(random_model, remat):
   assert float(jnp.abs(g['blocks'][1]['mlp']['fc2']['kernel'][...]).sum()) > 0
 
 
+@pytest.mark.parametrize('scan', [False, True])
+def test_residual_grad_boundary_is_exact_and_in_the_backward(random_model,
+                                                              monkeypatch,
+                                                              scan):
+  # On CPU each block's input materialises the residual stream's gradient
+  # (one conditional per block in the compiled backward); values and gradients
+  # are bit for bit those without it.
+  from twinflow_jax.models import dit
+  params = nnx.state(random_model, nnx.Param)
+  model = create_model(dict(TINY, scan_blocks=scan), rngs=nnx.Rngs(1))
+  nnx.update(model, params)
+  x, t, y = inputs()
+  graphdef, p, rest = split_model(model)
+  loss = lambda p: jnp.mean(as_apply_fn(graphdef, rest)(p, x, t, 0.5 * t, y)**2)
+  grad = jax.jit(jax.grad(loss))
+  with_boundary = grad.lower(p).compile()
+  g = with_boundary(p)
+  monkeypatch.setattr(dit, 'residual_grad_boundary', lambda h: h)
+  without = jax.jit(jax.grad(loss)).lower(p).compile()
+  count = lambda c: c.as_text().count(' conditional(')
+  assert count(with_boundary) - count(without) == (1 if scan else TINY['depth'])
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(without(p))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_residual_grad_boundary_keeps_a_nan_gradient_non_finite():
+  from twinflow_jax.models.layers import residual_grad_boundary
+  f = lambda x, w: jnp.sum(w * residual_grad_boundary(x))
+  x = jnp.ones((2, 3))
+  g = jax.jit(jax.grad(f))(x, jnp.arange(6.0).reshape(2, 3))
+  np.testing.assert_array_equal(g, np.arange(6.0).reshape(2, 3))
+  g = jax.jit(jax.grad(f))(x, jnp.full((2, 3), jnp.nan).at[1, 1].set(1.0))
+  assert not np.isfinite(np.asarray(g)).any()
+
+
 def test_non_square_and_other_sizes(random_model):
   # Positions are built for the actual token grid, e.g. 8 x 4 pixels.
   x = jax.random.normal(jax.random.key(0), (2, 8, 4, 3))

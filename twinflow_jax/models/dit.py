@@ -17,7 +17,7 @@ from twinflow_jax.models.embeddings import (LabelEmbedder, TIME_CONVENTIONS,
                                             sincos_2d_pos_embed, unpatchify)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
                                         QKVProjection, layer_norm, modulate,
-                                        zeros)
+                                        residual_grad_boundary, zeros)
 from twinflow_jax.models.sharding import constrain
 
 TOKENS = ('activation_batch', 'activation_length', 'activation_embed')
@@ -36,7 +36,7 @@ def apply_blocks(blocks, policy, x, *args, scan: bool = False):
     if policy is not None:
       call = nnx.remat(call, policy=policy, prevent_cse=True)
     for block in blocks:
-      x = call(block, x, *args)
+      x = call(block, residual_grad_boundary(x), *args)
     return x
 
   graphdef = nnx.graphdef(blocks[0])
@@ -44,7 +44,7 @@ def apply_blocks(blocks, policy, x, *args, scan: bool = False):
                          *(nnx.state(b) for b in blocks))
 
   def body(x, state):
-    return nnx.merge(graphdef, state)(x, *args), None
+    return nnx.merge(graphdef, state)(residual_grad_boundary(x), *args), None
 
   if policy is not None:
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)

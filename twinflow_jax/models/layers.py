@@ -86,6 +86,47 @@ class Dense(nnx.Module):
     return y
 
 
+@jax.custom_vjp
+def _grad_boundary(x):
+  return x
+
+
+def _grad_boundary_fwd(x):
+  return x, None
+
+
+def _grad_boundary_bwd(_, g):
+  # A conditional is a fusion boundary (an optimization_barrier is expanded before
+  # fusion and changes nothing). Its branches must differ or XLA removes it: a NaN
+  # gradient element makes the whole gradient NaN (non-finite either way, so the step
+  # skips it as before); otherwise g passes unchanged.
+  return (jax.lax.cond(jnp.isnan(g.reshape(-1)[0]), lambda a: jnp.full_like(a, jnp.nan),
+                       lambda a: a, g),)
+
+
+_grad_boundary.defvjp(_grad_boundary_fwd, _grad_boundary_bwd)
+
+
+def residual_grad_boundary(x: jax.Array) -> jax.Array:
+  """Identity whose gradient is materialised here on CPU (unchanged elsewhere).
+
+  XLA's CPU fusion copies the backward's running sum of the residual stream's
+  gradient into each of its consumers, so every block's backward recomputes the
+  gradient contributions of all blocks after it (fusions of up to 87 operands in the
+  4-block default DiT). Placed at each block's input, this cuts that chain: the
+  default MNIST train step runs 1.33x faster on 2 CPU cores; DiT-S/2 is unchanged.
+
+  Args:
+    x: any array (the residual stream [B, T, D] at a block's input).
+
+  Returns:
+    x, unchanged.
+  """
+  if jax.default_backend() != 'cpu':
+    return x
+  return _grad_boundary(x)
+
+
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """LayerNorm over the last axis without affine parameters (float32 stats)."""
   x32 = x.astype(jnp.float32)
