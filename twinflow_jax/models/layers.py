@@ -99,7 +99,8 @@ def _grad_boundary_bwd(_, g):
   # A conditional is a fusion boundary (an optimization_barrier is expanded before
   # fusion and changes nothing). Its branches must differ or XLA removes it: a NaN
   # gradient element makes the whole gradient NaN (non-finite either way, so the step
-  # skips it as before); otherwise g passes unchanged.
+  # skips it as before); otherwise g passes unchanged. On a multi-device CPU mesh the
+  # predicate is one scalar taken from the first shard (no activation moves).
   return (jax.lax.cond(jnp.isnan(g.reshape(-1)[0]), lambda a: jnp.full_like(a, jnp.nan),
                        lambda a: a, g),)
 
