@@ -47,7 +47,7 @@ def get_config():
 
   c.optim.name = "adamw"
   # 3000 steps at 3e-3 (4000 at 2e-3 until 2026-12-01): 25% less time, so the job fits in
-  # 10 minutes on a slow 2-core host (8 min 40 s of training there, against 11 min 51 s).
+  # 10 minutes on a slow 2-core host (README command 7 min 42 s there, against 11 min 51 s).
   # 1-NFE class accuracy 0.956 and 0.968 on two training seeds (4000 at 2e-3: 0.974 and
   # 0.965; 3000 at 2e-3: 0.946), small4 0.977 / 0.976, pixel diversity 0.74-0.80.
   c.optim.lr = 3e-3
