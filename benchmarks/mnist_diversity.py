@@ -75,9 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   from twinflow_jax.evaluation import mnist  # pylint: disable=g-import-not-at-top
 
-  files = [(f, np.load(f)) for f in args.samples]
-  res = files[0][1]["samples"].shape[1] if files else 16
-  x_real, y_real = mnist.real_digits(res, "heldout")
+  files = []
+  for f in args.samples:
+    try:
+      d = np.load(f)
+      files.append((f, {"samples": d["samples"], "labels": d["labels"]}))
+    except (OSError, ValueError, KeyError) as e:
+      print(f"error: {f}: not a sample file with 'samples' and 'labels' "
+            f"(write one with python -m twinflow_jax.sample): {e}", file=sys.stderr)
+      return 2
+  shape = files[0][1]["samples"].shape if files else (0, 16, 16, 1)   # [N, S, S, C]
+  x_real, y_real = mnist.real_digits(shape[1], "heldout", shape[-1])
   real = band_variance(x_real, y_real)
   bands = [f"{lo:.1f}-{hi:.2g}" for lo, hi in zip(BANDS, BANDS[1:])]
   print(f"{'within-class variance':32s} " + " ".join(f"{b:>8s}" for b in bands) + "    total")
@@ -90,7 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if files:
     print("(rows below the first: variance relative to the real digits' in the same band)")
   if args.workdir:
-    corr, std = noise_leak(args.workdir)
+    from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
+    try:
+      corr, std = noise_leak(args.workdir)
+    except (ValueError, OSError, readonly.CheckpointReadError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
     print(f"1-NFE noise leak of {args.workdir}: corr(z, output) on background pixels "
           f"{corr:.3f}, output std there {std:.3f} (real digits: 0 and "
           f"{float(x_real[:, x_real.mean(0) < -0.99].std()):.3f})")
