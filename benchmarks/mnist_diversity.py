@@ -38,9 +38,8 @@ def band_variance(x: np.ndarray, labels: np.ndarray, bands: Sequence[float] = BA
   Returns:
     [len(bands) - 1] variances (their sum is H W times the mean per-pixel variance).
   """
-  x = np.clip(np.asarray(x, np.float64), -1, 1)
+  x = np.clip(np.asarray(x, np.float64), -1, 1)   # a new array: centred in place below
   labels = np.asarray(labels)
-  x = x.copy()
   for c in np.unique(labels):
     x[labels == c] -= x[labels == c].mean(0)
   p = (np.abs(np.fft.fft2(x, axes=(1, 2))) ** 2).sum(-1).mean(0) / (x.shape[1] * x.shape[2])
@@ -49,22 +48,28 @@ def band_variance(x: np.ndarray, labels: np.ndarray, bands: Sequence[float] = BA
   return np.array([p[(fr >= lo) & (fr < hi)].sum() for lo, hi in zip(bands, bands[1:])])
 
 
-def noise_leak(workdir: str, num: int = 500, t: float = 0.999) -> tuple[float, float]:
+def background(real: np.ndarray) -> np.ndarray:
+  """[H, W, C] mask of the pixels that are dark in (nearly) every one of real [N, H, W, C]."""
+  return real.mean(0) < -0.99
+
+
+def noise_leak(workdir: str, num: int = 500) -> tuple[float, float]:
   """(correlation of z with the 1-NFE output on real-background pixels, output std there)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from twinflow_jax import generate  # pylint: disable=g-import-not-at-top
+  from twinflow_jax import generate, sampling  # pylint: disable=g-import-not-at-top
   from twinflow_jax.evaluation import mnist  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
 
   run = readonly.load_run(workdir)
+  ((t, r),) = sampling.call_times("1nfe")     # (0.999, 0): x = z - t F(z, t, 0)
   params = run.weights[next(iter(run.weights))]
   labels = generate.class_labels(num, run.spec.num_classes)
   z = generate.initial_noise(0, jnp.arange(num), tuple(run.spec.x_shape))
-  f = run.apply_fn(params, z, jnp.full((num,), t), jnp.zeros((num,)), jnp.asarray(labels))
+  f = run.apply_fn(params, z, jnp.full((num,), t), jnp.full((num,), r), jnp.asarray(labels))
   out, z = np.asarray(z - t * f), np.asarray(z)
   real, _ = mnist.real_digits(run.spec.x_shape[0], "heldout", run.spec.x_shape[-1])
-  background = real.mean(0) < -0.99        # [H, W, C]: dark in (nearly) every real digit
-  residual, noise = out[:, background], z[:, background]
+  mask = background(real)
+  residual, noise = out[:, mask], z[:, mask]
   return float(np.corrcoef(residual.ravel(), noise.ravel())[0, 1]), float(residual.std())
 
 
@@ -106,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 2
     print(f"1-NFE noise leak of {args.workdir}: corr(z, output) on background pixels "
           f"{corr:.3f}, output std there {std:.3f} (real digits: 0 and "
-          f"{float(x_real[:, x_real.mean(0) < -0.99].std()):.3f})")
+          f"{float(x_real[:, background(x_real)].std()):.3f})")
   return 0
 
 
