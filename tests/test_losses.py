@@ -324,6 +324,33 @@ def test_network_rows_per_step(b, config):
   assert sum(calls) < official
 
 
+def test_autoguidance_replaces_the_teacher_on_e_by_the_guide_on_c():
+  # A guide whose class embedding rows all equal the teacher's row of e = 2 computes
+  # F_W(c) = F_T(e) on every row, so autoguidance must give the official loss exactly; a
+  # guide equal to the teacher cancels the guidance (the enhanced_ratio = 0 loss).
+  b, d_in = 12, 8
+  p, p_t, x, c, _, dr = random_problem(b, 5)
+  e = np.full_like(c, 2)
+  guide = dict(p_t)
+  guide["0.w"] = p_t["0.w"].copy()
+  guide["0.w"][d_in + 2:d_in + 5] = p_t["0.w"][d_in + 4]
+  with jax.enable_x64(True):
+    j = lambda tree: jax.tree.map(jnp.asarray, tree)
+    def loss(guide_params, config=TwinFlowConfig(), uncond=e):
+      return float(losses.twinflow_loss(mlp_apply, j(p), j(p_t), j(x), j(c), j(uncond), j(dr),
+                                        config, guide_params=guide_params)[0])
+    official = loss(None)
+    np.testing.assert_allclose(loss(j(guide), uncond=c), official, rtol=1e-12)
+    unguided = loss(None, TwinFlowConfig(enhanced_ratio=0.0))
+    np.testing.assert_allclose(loss(j(p_t)), unguided, rtol=1e-12)
+    assert abs(official - unguided) > 1e-5   # the guidance matters here
+  calls = []
+  jax.eval_shape(lambda q: losses.twinflow_loss(
+      counting_apply(calls), q, j(p_t), j(x), j(c), j(e), j(dr), guide_params=j(guide))[0],
+                 j(p))
+  assert sum(calls) == losses.count_network_rows(b)["ours"]   # same rows, two calls
+
+
 def test_jit_grad_vmap_and_no_nan_on_equal_times():
   b = 8
   p, p_t, x, c, e, dr = random_problem(b, 1)

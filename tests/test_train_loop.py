@@ -286,6 +286,20 @@ def _copy(tree):
   return jax.tree.map(lambda a: np.array(a), tree)
 
 
+def test_autoguidance_reads_the_named_eval_ema():
+  # At step 0 the eval EMA, the teacher and the parameters are equal, so autoguidance by
+  # the EMA cancels the guidance: the loss of the enhanced_ratio = 0 step, not the default's.
+  losses_at_0 = {}
+  conditional = {"train.eval_ema_decays": (0.9,), "model.num_classes": 1,
+                 "train.uncond": "null", "loss.enhanced_ratio": 0.8}
+  for name, kw in (("auto", {"train.guide_from": "0.9"}), ("off", {"loss.enhanced_ratio": 0.0}),
+                   ("cfg", {})):
+    _, setup, state, step = _setup_and_state(**{**conditional, **kw})
+    losses_at_0[name] = float(step(state, _batch(setup, 0))[1]["loss"])
+  assert losses_at_0["auto"] == pytest.approx(losses_at_0["off"], rel=1e-6)
+  assert abs(losses_at_0["cfg"] - losses_at_0["off"]) > 1e-4
+
+
 def test_ema_teacher_warmup_schedule_and_eval_emas(default_step):
   setup, step = default_step
   state = loop.init_state(setup, 0)
@@ -379,6 +393,7 @@ def test_accumulation_updates_params_and_teacher_once_per_cycle():
     ({"loss.ema_decay": 1.5}, r"TwinFlowConfig.ema_decay must be in \[0, 1\], got 1.5"),
     ({"loss.row_blocks": 3}, r"TwinFlowConfig.row_blocks=3 does not divide the batch of 16"),
     ({"train.eval_ema_decays": (1.0,)}, r"config.train.eval_ema_decays must be decays in"),
+    ({"train.guide_from": "0.5"}, r"config.train.guide_from must be '' or one of"),
     ({"model.depth": 0}, r"depth must be >= 1"),
 ])
 def test_bad_config_values_fail_at_start(overrides, match):

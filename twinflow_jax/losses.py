@@ -437,7 +437,7 @@ def _check_inputs(x, cond, uncond, draws: TwinFlowDraws, config: TwinFlowConfig)
 def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | None,
                   x: jax.Array, cond: PyTree, uncond: PyTree, draws: TwinFlowDraws,
                   config: TwinFlowConfig = TwinFlowConfig(), *,
-                  batch_axes: BatchAxes = None):
+                  batch_axes: BatchAxes = None, guide_params: PyTree | None = None):
   """The TwinFlow loss of one batch (official `TwinFlow.training_step`).
 
   Args:
@@ -456,6 +456,10 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
       the loss then pins the block axis of every row selection and network input to them,
       so with G a multiple of their size each device keeps its own blocks. None: no
       constraints (XLA propagates the input shardings). The value never depends on it.
+    guide_params: autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad
+      version of itself"), not in the official code: the enhanced target subtracts this
+      weaker network on the same condition, enr (F_T(c) - F_W(c)), instead of the teacher
+      on e, enr (F_T(c) - F_T(e)); `uncond` is then unused. None (default): official.
 
   Returns:
     (loss, aux): the scalar loss L_main + rect_coef * L_rect, and a dict of scalar terms
@@ -550,9 +554,14 @@ def twinflow_loss(apply_fn: ApplyFn, params: PyTree, teacher_params: PyTree | No
     stop = n_real                           # adv rows are never enhanced
     if stop > start:
       xs, ts = blk.rows(x_t, start, stop), blk.rows(t, start, stop)
-      f_both = net(teacher, blk.join(xs, xs), blk.join(ts, ts), blk.join(ts, ts),
-                   blk.join(blk.rows(cond, start, stop), blk.rows(uncond, start, stop)))
-      f_c, f_e = blk.halves(f_both)
+      c_s = blk.rows(cond, start, stop)
+      if guide_params is None:
+        f_both = net(teacher, blk.join(xs, xs), blk.join(ts, ts), blk.join(ts, ts),
+                     blk.join(c_s, blk.rows(uncond, start, stop)))
+        f_c, f_e = blk.halves(f_both)
+      else:   # autoguidance: the same rows and condition through the weaker network
+        f_c = net(teacher, xs, ts, ts, c_s)
+        f_e = net(sg(guide_params), xs, ts, ts, c_s)
       v_s = blk.rows(v, start, stop)
       enhanced = v_s + cfg.enhanced_ratio * (f_c - f_e)
       if cfg.ema_decay == 1.0 and cfg.image_free:

@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_steps=1000,          # train steps (micro-batches)
       uncond="null",           # unconditional e: 'null' | 'shuffle' | 'zeros' | 'none'
       eval_ema_decays=(),      # extra EMAs kept for evaluation only, e.g. (0.9999,)
+      guide_from="",           # '' (official guidance by e) or an eval EMA decay, e.g.
+                               # '0.999': autoguidance by that weaker EMA (not official)
       log_every=50,
       checkpoint_every=1000,
       keep_checkpoints=3,
@@ -158,6 +160,8 @@ def validate(config: Any) -> None:
   _require(sample_source(config) is not None, "train.sample_from",
            f"one of {SAMPLE_FROM} or one of train.eval_ema_decays (as a string)",
            t.sample_from)
+  _require(not t.get("guide_from") or guide_source(config) is not None, "train.guide_from",
+           "'' or one of train.eval_ema_decays (as a string, e.g. '0.999')", t.get("guide_from"))
   losses.block_layout(t.global_batch_size, tf_config(config))   # loss.row_blocks fits the batch
   if "lora" in config:
     from twinflow_jax.train import lora  # pylint: disable=g-import-not-at-top
@@ -294,6 +298,19 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     if va != vb:
       out.append(f"{key}: {va!r} -> {vb!r}")
   return out
+
+
+def guide_source(config: Any) -> str | None:
+  """The eval-EMA key that autoguides the enhanced target (train.guide_from); else None."""
+  gf = str(config.train.get("guide_from", ""))
+  if not gf:
+    return None
+  try:
+    decay = float(gf)
+  except ValueError:
+    return None
+  decays = [float(d) for d in config.train.eval_ema_decays]
+  return eval_ema_name(decay) if decay in decays else None
 
 
 def sample_source(config: Any) -> str | None:

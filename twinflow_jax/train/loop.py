@@ -134,7 +134,8 @@ def build(config: Any, devices=None) -> Setup:
   batch_shardings = {k: batch_sharding for k in batch_struct}
   train_step = step_lib.make_train_step(
       apply_fn, tf_config, tx, schedule, num_classes=data_spec.num_classes,
-      uncond=t.uncond, eval_ema_decays=decays, accum_steps=accum)
+      uncond=t.uncond, eval_ema_decays=decays, accum_steps=accum,
+      guide_from=config_lib.guide_source(config))
   return Setup(mesh, rules, data_spec, graphdef, apply_fn, tx, schedule, init_fn,
                abstract_state, shardings, batch_shardings, batch_struct, train_step,
                frozen_init_fn, abs_frozen, frozen_shardings)

@@ -83,7 +83,8 @@ def make_conditions(batch: dict[str, jax.Array], key: jax.Array, *, num_classes:
 def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     num_classes: int = 0, uncond: str = "null",
-                    eval_ema_decays: tuple[float, ...] = (), accum_steps: int = 1
+                    eval_ema_decays: tuple[float, ...] = (), accum_steps: int = 1,
+                    guide_from: str | None = None
                     ) -> Callable[[TrainState, dict[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """Builds `train_step(state, batch) -> (state, metrics)`.
@@ -96,11 +97,18 @@ def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
   (parameters, optimizer state, EMAs) is skipped, `skipped` counts it and the metric
   `skip_reason` says why (a sum of `SKIP_REASONS` bits; 0 = applied).
 
+  `guide_from`, the key of one of the evaluation EMAs (e.g. 'ema_0p999'), turns the
+  enhanced target into autoguidance by that slower, weaker average of the network (see
+  `losses.twinflow_loss`); None keeps the official guidance by the teacher on e.
+
   With LoRA (`train/lora.py`) the step is called as `train_step(state, batch, frozen)`:
   `state` holds the adapters only and `apply_fn` takes `(adapters, frozen)` as params.
   """
   emd = float(tf_config.ema_decay)
   ema_names = [(eval_ema_name(d), float(d)) for d in eval_ema_decays]
+  if guide_from is not None and guide_from not in dict(ema_names):
+    raise ValueError(f"guide_from={guide_from!r} is not one of the evaluation EMAs "
+                     f"{[n for n, _ in ema_names]}")
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: PyTree = None):
     # LoRA: `frozen` is the base, a constant of the step; apply_fn takes (params, frozen).
@@ -124,8 +132,9 @@ def make_train_step(apply_fn: Callable, tf_config: losses.TwinFlowConfig,
     batch_axes = sharding_lib.mesh_axes("activation_batch")
 
     def loss_fn(params):
+      guide = None if guide_from is None else state.eval_emas[guide_from]
       return losses.twinflow_loss(apply, params, new_ema, x, cond, e, draws, tf_config,
-                                  batch_axes=batch_axes)
+                                  batch_axes=batch_axes, guide_params=guide)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
