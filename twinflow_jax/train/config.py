@@ -217,8 +217,13 @@ def eval_weights_source(config: Any, name: str) -> str | None:
     return "params"
   if not name.startswith("ema_"):
     return None
+  return _eval_ema_key(config, name[4:].replace("p", "."))
+
+
+def _eval_ema_key(config: Any, decay_text: str) -> str | None:
+  """'0.999' -> 'ema_0p999' if that decay is one of train.eval_ema_decays; else None."""
   try:
-    decay = float(name[4:].replace("p", "."))
+    decay = float(decay_text)
   except ValueError:
     return None
   decays = [float(d) for d in config.train.eval_ema_decays]
@@ -303,14 +308,7 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 def guide_source(config: Any) -> str | None:
   """The eval-EMA key that autoguides the enhanced target (train.guide_from); else None."""
   gf = str(config.train.get("guide_from", ""))
-  if not gf:
-    return None
-  try:
-    decay = float(gf)
-  except ValueError:
-    return None
-  decays = [float(d) for d in config.train.eval_ema_decays]
-  return eval_ema_name(decay) if decay in decays else None
+  return _eval_ema_key(config, gf) if gf else None
 
 
 def sample_source(config: Any) -> str | None:
@@ -318,9 +316,4 @@ def sample_source(config: Any) -> str | None:
   sf = str(config.train.sample_from)
   if sf in SAMPLE_FROM:
     return sf
-  try:
-    decay = float(sf)
-  except ValueError:
-    return None
-  decays = [float(d) for d in config.train.eval_ema_decays]
-  return eval_ema_name(decay) if decay in decays else None
+  return _eval_ema_key(config, sf)
