@@ -571,16 +571,19 @@ def test_row_blocks_count_rows_and_keep_calls_batched():
   assert len(calls) == 6   # still one call per kind: student, fake, enhanced, 2 chain, rect
 
 
-@pytest.mark.parametrize("g", [1, 4, 8])
-def test_row_blocks_do_not_depend_on_the_mesh(g):
-  # The same loss and gradient on one device and with the batch over 8 devices.
+@pytest.mark.parametrize("g, guided", [(1, False), (4, False), (8, False), (8, True)])
+def test_row_blocks_do_not_depend_on_the_mesh(g, guided):
+  # The same loss and gradient on one device and with the batch over 8 devices (guided:
+  # autoguidance by a perturbed copy of the teacher).
   b = 32
   config = TwinFlowConfig(row_blocks=g)
   p, p_t, x, c, e, dr, _ = block_problem(b // g, g, seed=g)
   j = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32)
                                 if np.asarray(a).dtype.kind == "f" else jnp.asarray(a), tree)
+  guide = jax.tree.map(lambda a: a * 0.9, j(p_t)) if guided else None
   fn = lambda q, xx, cc, ee, dd: losses.twinflow_loss(mlp_apply, q, j(p_t), xx, cc, ee, dd,
-                                                      config, batch_axes=("data", "fsdp"))
+                                                      config, batch_axes=("data", "fsdp"),
+                                                      guide_params=guide)
   grad_fn = jax.value_and_grad(fn, has_aux=True)
   (loss1, aux1), g1 = jax.jit(grad_fn)(j(p), j(x), j(c), j(e), j(dr))
   mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"),
