@@ -228,14 +228,11 @@ def test_lora_loss_matches_official_twinflow_lora(case):
       assert abs(wrong - ref) > 1e-3 * abs(ref)
 
 
-def test_lora_train_step_runs_the_official_loss(monkeypatch):
-  """The trainer's step on the fixture's q1 (qwenimage_lora_1order: the base teaches), float32.
+def _q1_train_step(monkeypatch, **step_kwargs):
+  """The trainer's LoRA step on the fixture's q1 case, with its recorded draws.
 
-  `make_train_step` as the loop builds it for LoRA (adapters in the TrainState of
-  `init_state`, whose EMA slot starts at zero factors = the base, the base as the step's
-  third argument, conditions from the labels with train.uncond 'null' = the fixture's e),
-  with the recorded draws in place of `sample_draws`: the official loss and gradients to
-  float32 precision, and the frozen-base teacher stays the base.
+  Returns (train_step, state, batch, base, online adapters, fixture, meta); `tx` is SGD
+  with rate 1, so new params = params - grads.
   """
   from twinflow_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import lora as lora_train  # pylint: disable=g-import-not-at-top
@@ -244,12 +241,15 @@ def test_lora_train_step_runs_the_official_loss(monkeypatch):
   meta = json.loads(str(d['config']))
   c = shipped_config('qwen_image_twinflow_lora.py', '1order')
   c.loss.row_blocks = 1
+  for k, v in step_kwargs.pop('loss', {}).items():
+    c.loss[k] = v
   tf_config = config_lib.tf_config(c)
   f32 = lambda k: jnp.asarray(d[f'q1/{k}'], jnp.float32)
   build = lambda rngs: official_lora_net(d, meta, jnp.float32)
   graphdef, _, base = nnx.split(build(None), lora.TRAINABLE, lora.FROZEN)
-  tx = optax.sgd(1.0)   # new params = params - grads
-  state = lora_train.init_state(build, tx, jax.random.key(0))
+  tx = optax.sgd(1.0)
+  state = lora_train.init_state(build, tx, jax.random.key(0),
+                                step_kwargs.get('eval_ema_decays', ()))
   assert all(not np.any(a) for a in jax.tree.leaves(state.ema))
   online = adapter_tree(d, 'default', meta['targets'], jnp.float32)
   state = state.replace(params=online)
@@ -259,10 +259,23 @@ def test_lora_train_step_runs_the_official_loss(monkeypatch):
   monkeypatch.setattr(step_lib.losses, 'sample_draws', lambda *args, **kwargs: draws)
   train_step = step_lib.make_train_step(
       lora_train.make_apply_fn(graphdef, c.lora.time_input), tf_config, tx,
-      optax.constant_schedule(1.0), num_classes=meta['K'] - 1, uncond='null')
+      optax.constant_schedule(1.0), num_classes=meta['K'] - 1, uncond='null', **step_kwargs)
   batch = {'x': f32('x'), 'label': jnp.asarray(d['q1/labels'], jnp.int32)}
+  return jax.jit(train_step), state, batch, nnx.to_pure_dict(base), online, d, meta
+
+
+def test_lora_train_step_runs_the_official_loss(monkeypatch):
+  """The trainer's step on the fixture's q1 (qwenimage_lora_1order: the base teaches), float32.
+
+  `make_train_step` as the loop builds it for LoRA (adapters in the TrainState of
+  `init_state`, whose EMA slot starts at zero factors = the base, the base as the step's
+  third argument, conditions from the labels with train.uncond 'null' = the fixture's e),
+  with the recorded draws in place of `sample_draws`: the official loss and gradients to
+  float32 precision, and the frozen-base teacher stays the base.
+  """
+  train_step, state, batch, base, online, d, meta = _q1_train_step(monkeypatch)
   assert np.all(d['q1/uncond_labels'] == meta['K'] - 1)   # the null class
-  new_state, metrics = jax.jit(train_step)(state, batch, nnx.to_pure_dict(base))
+  new_state, metrics = train_step(state, batch, base)
   assert int(metrics['skip_reason']) == 0
   np.testing.assert_allclose(float(metrics['loss']), float(d['q1/loss']), rtol=1e-5)
   for name in meta['targets']:
@@ -271,6 +284,29 @@ def test_lora_train_step_runs_the_official_loss(monkeypatch):
       got = np.asarray(online[name][ours] - new_state.params[name][ours])
       assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (name, ours)
   assert all(not np.any(a) for a in jax.tree.leaves(new_state.ema))   # still the base
+
+
+def test_lora_autoguidance_runs_the_guide_on_the_frozen_base(monkeypatch):
+  """train.guide_from with LoRA: the guide is an evaluation EMA of the adapters, applied on
+  the frozen base like the teacher. A guide equal to the teacher (zero factors = the base)
+  cancels the guidance (the enhanced_ratio = 0 loss); the trained adapters as the guide do
+  not."""
+  loss_of = {}
+  for name, kw in (('off', {'loss': {'enhanced_ratio': 0.0}}),
+                   ('auto', {'eval_ema_decays': (0.9,), 'guide_from': 'ema_0p9'})):
+    train_step, state, batch, base, online, _, _ = _q1_train_step(monkeypatch, **kw)
+    if name == 'auto':
+      assert state.eval_emas['ema_0p9'].keys() == online.keys()
+      as_teacher = state.replace(eval_emas={'ema_0p9': jax.tree.map(jnp.zeros_like, online)})
+      _, m = train_step(as_teacher, batch, base)
+      loss_of['auto_teacher'] = float(m['loss'])
+      as_online = state.replace(eval_emas={'ema_0p9': online})
+      _, m = train_step(as_online, batch, base)
+      loss_of['auto_online'] = float(m['loss'])
+    else:
+      loss_of[name] = float(train_step(state, batch, base)[1]['loss'])
+  assert loss_of['auto_teacher'] == pytest.approx(loss_of['off'], rel=1e-6)
+  assert abs(loss_of['auto_online'] - loss_of['off']) > 1e-4 * abs(loss_of['off'])
 
 
 def test_frozen_base_is_sharded_like_the_full_model_and_holds_no_optimizer_state(tmp_path):
