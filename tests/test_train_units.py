@@ -62,6 +62,17 @@ def test_batch_must_divide_mesh():
     mesh_lib.check_batch_size(12, mesh, process_count=1)
 
 
+def test_row_blocks_hint_on_meshes():
+  from twinflow_jax.train import loop  # pylint: disable=g-import-not-at-top
+  assert loop.row_blocks_hint(1, 1) is None and loop.row_blocks_hint(3, 1) is None
+  assert loop.row_blocks_hint(8, 8) is None and loop.row_blocks_hint(16, 8) is None
+  hint = loop.row_blocks_hint(1, mesh_lib.batch_shards(mesh_lib.create_mesh(
+      _mesh_cfg(data=2, fsdp=2, tensor=2))))
+  assert hint.startswith("loss.row_blocks=1 on a mesh with 4 batch shards")
+  assert "--config.loss.row_blocks=4 keeps" in hint
+  assert loop.row_blocks_hint(4, 8) is not None
+
+
 def test_check_shardable_names_array_and_numbers():
   mesh = mesh_lib.create_mesh(_mesh_cfg(data=2, fsdp=4))
   tree = {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32)}

@@ -87,6 +87,21 @@ class Setup:
     return self.frozen_init_fn is not None
 
 
+def row_blocks_hint(row_blocks: int, batch_shards: int) -> str | None:
+  """A warning when the loss's row blocks do not sit on the mesh's batch shards, else None.
+
+  Not an error: row_blocks = 1 is the official layout (the fixtures' parity); on a sharded
+  mesh it makes each row group live on part of the devices, so the loss's network calls
+  move activations between them (docs/performance.md).
+  """
+  if row_blocks % batch_shards == 0:
+    return None
+  return (f"loss.row_blocks={row_blocks} on a mesh with {batch_shards} batch shards: the "
+          "loss's row groups span devices and its network calls move activations between "
+          f"them; --config.loss.row_blocks={batch_shards} keeps every shard's rows local "
+          "(docs/training.md)")
+
+
 def build(config: Any, devices=None) -> Setup:
   """Validates the config and derives mesh, model, optimizer, shardings and the step.
 
@@ -435,6 +450,9 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
                  jax.process_count(),
                  f"resuming from step {start_step}" if resumed_from is not None
                  else "starting from scratch")
+    hint = row_blocks_hint(int(config.loss.row_blocks), mesh_lib.batch_shards(setup.mesh))
+    if hint:
+      logging.warning(hint)
     if resumed_from is None:
       writer.write_hparams({"num_params": n_params, **_flatten(config_json)})
 
