@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -145,6 +146,43 @@ def test_sample_command_user_errors(run_dir, tmp_path, capsys, argv, message):
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("error: ") and re.search(message, err[-1])
   assert snapshot(run_dir) == before and not (tmp_path / "x.npz").exists()
+
+
+def test_relative_workdir_and_a_link_into_it(run_dir, tmp_path, monkeypatch):
+  before = snapshot(run_dir)
+  monkeypatch.chdir(os.path.dirname(run_dir))
+  out = tmp_path / "rel.npz"
+  assert sample.main(["--workdir", os.path.basename(run_dir), "--num", "4",
+                      "--out", str(out)]) == 0
+  assert out.exists()
+  # --out through a symbolic link to the workdir is still inside it.
+  (tmp_path / "link").symlink_to(run_dir)
+  with pytest.raises(SystemExit) as e:
+    sample.main(["--workdir", run_dir, "--num", "4", "--out", str(tmp_path / "link" / "x")])
+  assert e.value.code == 1
+  assert snapshot(run_dir) == before
+
+
+def test_checkpoint_that_reads_but_fails_its_checksums_is_refused(run_dir, tmp_path, capsys):
+  # A flipped bit reads without error (as NaN or wrong weights); the integrity record
+  # catches it. Damaging the record of one EMA array is the same mismatch.
+  workdir = str(tmp_path / "flipped")
+  shutil.copytree(run_dir, workdir)
+  record = pathlib.Path(workdir, "checkpoints", "2", "integrity", "metadata")
+  data = json.loads(record.read_text())
+  name = next(n for n, a in data["arrays"].items()
+              if n.startswith("ema/") and a["checksum"] != "0" * 16)   # zeros sum to 0
+  data["arrays"][name]["checksum"] = "0" * 16
+  record.write_text(json.dumps(data))
+  before = snapshot(workdir)
+  with pytest.raises(SystemExit) as e:
+    sample.main(["--workdir", workdir, "--num", "4", "--out", str(tmp_path / "x.npz")])
+  assert e.value.code == 1
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert last.startswith(f"error: checkpoint {workdir}/checkpoints/2 fails verification: "
+                         f"{name}: checksum"), last
+  assert "--step 1" in last and not (tmp_path / "x.npz").exists()
+  assert snapshot(workdir) == before
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -145,6 +145,14 @@ def test_fsdp_and_tensor_sharded_dit_matches_one_device(tmp_path, row_blocks):
   assert_trees_close(sharded.state.params, one.state.params, atol=1e-5)
 
 
+def test_relative_workdir_saves_checkpoints(tmp_path, monkeypatch):
+  # Orbax refuses relative checkpoint paths: the trainer makes --workdir absolute.
+  monkeypatch.chdir(tmp_path)
+  result = loop.train(toy_config(**{"train.num_steps": 2}), "rel")
+  assert result.step == 2
+  assert (tmp_path / "rel" / "checkpoints" / "2" / "state").is_dir()
+
+
 def test_kill_and_resume_is_exact(reference, tmp_path):
   ref_dir, ref_result = reference
   workdir = str(tmp_path / "killed")

@@ -220,6 +220,12 @@ def _decoder_and_evaluators(args: argparse.Namespace, run_: Any):
   return decoder, evaluators
 
 
+def _inside(path: str, folder: str) -> bool:
+  """Whether `path` lies in `folder`, symbolic links resolved on both sides."""
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return os.path.commonpath([path, folder]) == folder
+
+
 def default_out(workdir: str, step: int, preset: str, weights: str) -> str:
   run = os.path.basename(os.path.normpath(workdir)) or "run"
   return os.path.abspath(f"samples_{run}_step{step}_{preset}_{weights}.npz")
@@ -286,7 +292,7 @@ def run(args: argparse.Namespace) -> str:
   if not out.endswith(".npz"):
     out += ".npz"
   out = os.path.abspath(out)
-  if os.path.commonpath([out, os.path.abspath(args.workdir)]) == os.path.abspath(args.workdir):
+  if _inside(out, args.workdir):
     raise UserError(f"--out {out} lies inside --workdir; this command never writes there")
   _log(f"run {args.workdir}: model {run_.config.model.name}, samples {tuple(spec.x_shape)}; "
        f"read the {weights} weights of step {step} (of {run_.steps}) in "
@@ -390,7 +396,7 @@ def _run_diffusers(args: argparse.Namespace) -> str:
   out = os.path.abspath(args.out or f"samples_{os.path.basename(path)}_{args.preset}.npz")
   if not out.endswith(".npz"):
     out += ".npz"
-  if os.path.commonpath([out, path]) == path:
+  if _inside(out, path):
     raise UserError(f"--out {out} lies inside --diffusers; this command never writes there")
   _log(f"{name} from {path} ({args.dtype}) read in {time.perf_counter() - t0:.1f}s; "
        f"generating {num} samples [{h}, {w}, {channels}] with preset {args.preset}")

@@ -716,3 +716,10 @@ def config_to_json(config: Any) -> dict[str, Any]:
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
+
+
+def absolute_workdir(workdir: str) -> str:
+  """`workdir` as an absolute path (URLs such as gs://... unchanged): Orbax refuses
+  relative checkpoint paths, and a relative workdir would also change meaning with the
+  current directory."""
+  return workdir if "://" in workdir else os.path.abspath(workdir)

@@ -365,6 +365,7 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   """
   is_main = jax.process_index() == 0
   multi_process = jax.process_count() > 1
+  workdir = ckpt_lib.absolute_workdir(workdir)
   setup = build(config, devices)
   t = config.train
   # Latent runs: grids and metrics see images decoded by the data's VAE. Built before

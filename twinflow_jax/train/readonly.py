@@ -24,9 +24,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from etils import epath
 
+from twinflow_jax import errors
+from twinflow_jax.train import checkpoint as checkpoint_lib
 from twinflow_jax.train.state import eval_ema_name
 
 STATE_ITEM = "state"          # the Checkpointer's item names (train/checkpoint.py)
@@ -103,13 +104,13 @@ def weights_key(weights: str, eval_ema_decays=()) -> tuple[str, ...]:
 
 
 def verify_checkpoint(step_dir: epath.Path) -> None:
-  """Integrity check of a checkpoint before it is read (the single place for it).
+  """Structural check of a checkpoint before it is read.
 
-  Today: the state item must exist. Checksum verification, when checkpoints carry
-  checksums, belongs here, so every read-only consumer gets it.
+  The arrays themselves are verified as they are read (`restore_weights`: every array's
+  checksum against the checkpoint's integrity record, as the trainer's restore does).
 
   Raises:
-    CheckpointReadError: the checkpoint is incomplete or fails verification.
+    CheckpointReadError: the checkpoint is incomplete.
   """
   if not (step_dir / STATE_ITEM).is_dir():
     raise CheckpointReadError(f"checkpoint {step_dir} has no '{STATE_ITEM}' item; it is "
@@ -165,15 +166,18 @@ def restore_weights(workdir: str, step: int, key: tuple[str, ...], abstract_para
   item: dict[str, Any] = abstract_params
   for k in reversed(key):
     item = {k: item}
-  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   try:
-    with _quiet_background_errors(), ocp.PyTreeCheckpointer() as ckptr:
-      out = ckptr.restore(step_dir / STATE_ITEM, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-  except Exception as e:  # pylint: disable=broad-except
-    msg = str(e).splitlines()[0] if str(e) else ""
+    # The trainer's read-only restore: partial, and every array read is checked against
+    # the checkpoint's integrity record (a flipped bit must not become NaN samples).
+    with _quiet_background_errors():
+      out = checkpoint_lib.restore_items(str(checkpoint_dir(workdir)), step, item)
+  except errors.CheckpointRestoreError as e:
+    cause = e.__cause__
+    if cause is None:   # read, but fails verification (the message names the arrays)
+      raise CheckpointReadError(f"{e}; it was left as it is") from e
+    msg = str(cause).splitlines()[0] if str(cause) else ""
     raise CheckpointReadError(
-        f"checkpoint {step_dir} cannot be read ({type(e).__name__}: {msg[:200]}); it was "
+        f"checkpoint {step_dir} cannot be read ({type(cause).__name__}: {msg[:200]}); it was "
         "left as it is") from e
   for k in key:
     out = out[k]
@@ -346,6 +350,7 @@ def load_run(workdir: str, step: int | None = None, weights: Sequence[str] | Non
   from twinflow_jax import generate  # pylint: disable=g-import-not-at-top
   from twinflow_jax import models  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  workdir = checkpoint_lib.absolute_workdir(workdir)
   from twinflow_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   if not os.path.isdir(workdir):
