@@ -132,3 +132,15 @@ def test_fid_stats_command_errors(tmp_path, capsys):
   assert fid_stats.main(['--inception', 'x', '--images', str(tmp_path / 'imgs.npy'),
                          '--out', out]) == 1
   assert '--overwrite' in capsys.readouterr().err
+
+
+def test_inception_evaluator_clips_model_samples(model):
+  # Samples of a young model overshoot [-1, 1]; the evaluation clips them as the ADM suite
+  # does instead of failing the run (user images out of range are still refused above).
+  from twinflow_jax.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
+  evaluate = sample_metrics.make_evaluators(
+      ('inception',), None, (8, 8, 1), inception_model=model,
+      inception_metrics=('inception_score',), inception_batch_size=8)['inception']
+  x = np.random.default_rng(2).uniform(-3, 3, (8, 8, 8, 1)).astype(np.float32)
+  got = evaluate(x)
+  assert got == evaluate(np.clip(x, -1, 1)) and np.isfinite(got['inception_score'])

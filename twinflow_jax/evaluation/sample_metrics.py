@@ -79,6 +79,7 @@ def _inception_factory(data_config: Any, x_shape: Sequence[int], *,
   import jax  # pylint: disable=g-import-not-at-top
   from twinflow_jax.evaluation import extractor  # pylint: disable=g-import-not-at-top
   from twinflow_jax.evaluation import inception_metrics as im  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.evaluation import preprocess  # pylint: disable=g-import-not-at-top
   from twinflow_jax.evaluation import reference as reference_lib  # pylint: disable=g-import-not-at-top
   from twinflow_jax.models.convert import inception as convert  # pylint: disable=g-import-not-at-top
   if len(x_shape) != 3 or x_shape[-1] not in (1, 3):
@@ -106,7 +107,9 @@ def _inception_factory(data_config: Any, x_shape: Sequence[int], *,
     # Every process holds all N samples; each contributes its own contiguous part, so the
     # gathered activations are the N samples once, in order.
     parts = np.array_split(np.asarray(samples), jax.process_count())
-    acts = extract(parts[jax.process_index()])
+    # Model samples may overshoot [-1, 1] (early in training): clip and quantise them as
+    # the ADM suite does (`samples_to_uint8`), rather than reject them like user images.
+    acts = extract(preprocess.samples_to_uint8(parts[jax.process_index()]))
     return im.inception_metrics(acts, ref, metrics)
 
   return evaluate
