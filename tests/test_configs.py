@@ -130,3 +130,25 @@ def test_config_mistakes_are_one_line_with_the_file_or_field(tmp_path):
       "(50 = config.train.num_steps 50 / config.optim.accum_steps 1) for "
       "optim.schedule='warmup_cosine'; lower --config.optim.warmup_steps or use "
       "--config.optim.schedule=constant")
+
+
+def test_file_override_and_workdir_mistakes_are_one_line(tmp_path):
+  toy = f"--config={ROOT / 'configs/toy2d.py'}"
+  cases = [
+      ([f"--config={ROOT / 'configs/defualt.py'}"],
+       f"error: config file {ROOT / 'configs/defualt.py'} not found (--config)"),
+      ([toy, "--config.train.num_step=5"],
+       "error: unknown config field --config.train.num_step (Did you mean \"num_steps\""),
+      ([f"--config={ROOT / 'configs/default.py'}:extra"],
+       f"error: cannot load config file {ROOT / 'configs/default.py'}: TypeError: "),
+  ]
+  for args, start in cases:
+    out = _cli(*args, tmp_path=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(start), out.stderr[-500:]
+  (tmp_path / "w").write_text("a file, not a directory")
+  out = _cli(toy, "--config.optim.warmup_steps=1", "--config.train.num_steps=2",
+             tmp_path=tmp_path)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      f"error: --workdir {tmp_path / 'w'} cannot be used as a directory"), out.stderr[-500:]

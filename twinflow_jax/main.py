@@ -96,17 +96,53 @@ def _config_path(argv: list[str]) -> str:
   return "?"
 
 
+def _unknown_field(error: BaseException, argv: list[str]) -> str | None:
+  """The one-line message for an override of a config field that does not exist, or None.
+
+  ml_collections raises AttributeError("'num_step'\nDid you mean ...") while applying
+  --config.train.num_step=5; this names the flag instead of blaming the config file.
+  """
+  if not isinstance(error, (AttributeError, KeyError)) or not any(
+      "config_flags" in f.filename for f in traceback.extract_tb(error.__traceback__)):
+    return None
+  inner = error.args[0] if error.args else error
+  if isinstance(inner, KeyError) and inner.args:
+    inner = inner.args[0]
+  text = str(inner).replace("\\n", "\n")
+  first, _, hint = text.strip("'\"").partition("\n")
+  key = first.strip("'\"")
+  names = [a.split("=", 1)[0][2:] for a in argv if a.startswith("--config.")]
+  hits = [n for n in names if key in n.split(".")[1:]]
+  if not hits:
+    return None
+  hint = f" ({hint.strip()})" if hint.strip() else ""
+  return (f"unknown config field --{hits[0]}{hint}; the fields of each section are listed "
+          "in docs/configs.md")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with config files that fail to load reported in one line."""
+  path = _config_path(argv).split(":", 1)[0]
+  if path != "?" and not os.path.isfile(path):
+    sys.stderr.write(f"error: config file {path} not found (--config); the shipped ones are "
+                     "in configs/, e.g. --config configs/default.py\n")
+    sys.exit(errors.EXIT_USER_ERROR)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    if "Error whilst parsing config file" in str(e):
+      # The config file's get_config() raised: absl embeds the traceback in the message.
+      lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+      sys.stderr.write(f"error: cannot load config file {path}: {lines[-1]}\n")
+      sys.exit(errors.EXIT_USER_ERROR)
     sys.stderr.write(f"FATAL Flags parsing error: {errors.one_line(e)}\n"
                      "Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
   except Exception as e:  # pylint: disable=broad-except  (the config file's own code)
-    path = _config_path(argv).split(":", 1)[0]
-    if isinstance(e, AttributeError) and "get_config" in str(e):
+    unknown = _unknown_field(e, argv)
+    if unknown:
+      message = unknown
+    elif isinstance(e, AttributeError) and "get_config" in str(e):
       message = (f"config file {path} defines no get_config(); a config file must define "
                  "get_config() returning an ml_collections.ConfigDict (see configs/)")
     else:

@@ -376,7 +376,12 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   enable_compilation_cache(config.train.compilation_cache_dir
                            or os.path.join(workdir, "xla_cache"))
   if is_main:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, FileNotFoundError, PermissionError) as e:
+      raise errors.UserError(f"--workdir {workdir} cannot be used as a directory "
+                             f"({type(e).__name__}: {errors.one_line(e)}); give a "
+                             "directory that exists or can be created") from e
   config_json = ckpt_lib.config_to_json(config)
   frozen = None
   if setup.lora:
