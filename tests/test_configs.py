@@ -152,3 +152,23 @@ def test_file_override_and_workdir_mistakes_are_one_line(tmp_path):
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1].startswith(
       f"error: --workdir {tmp_path / 'w'} cannot be used as a directory"), out.stderr[-500:]
+
+
+def test_model_must_fit_the_data():
+  from twinflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  spec = data_lib.DataSpec(x_shape=(16, 16, 1), num_classes=10, conditioning="class")
+  model = {"name": "DiT-S/4", "in_channels": 1, "input_size": 16, "num_classes": 10}
+  config_lib.check_model_fits_data(model, spec)
+  for change, match in (({"num_classes": 5}, r"config.model.num_classes=5 is below the "
+                         r"data's 10 classes; set --config.model.num_classes=10"),
+                        ({"in_channels": 3}, r"config.model.in_channels=3 does not match "
+                         r"the data's 1 channels"),
+                        ({"name": "DiT-S/8"}, r"the data's 12 x 12 examples .* are not "
+                         r"divisible by the patch size 8")):
+    with pytest.raises(ValueError, match=match):
+      config_lib.check_model_fits_data({**model, **change},
+                                       data_lib.DataSpec((12, 12, 1), 10, "class"))
+  # Text conditioning and other families are left to the model.
+  config_lib.check_model_fits_data({"name": "mlp", "num_classes": 1},
+                                   data_lib.DataSpec((2,), 1, "class"))

@@ -317,3 +317,38 @@ def sample_source(config: Any) -> str | None:
   if sf in SAMPLE_FROM:
     return sf
   return _eval_ema_key(config, sf)
+
+
+def check_model_fits_data(model_config: Any, spec: Any) -> None:
+  """Fails at start, naming the fields, when the data cannot feed the model.
+
+  Catches what the network would otherwise report only while the step compiles: a class
+  count below the data's (labels beyond the embedding table train to NaN), and for the
+  DiT / MMDiT families the image channels and the patch grid.
+
+  Args:
+    model_config: config.model.
+    spec: the data's `DataSpec`.
+
+  Raises:
+    ValueError: naming config.model / config.data fields and the values to use.
+  """
+  from twinflow_jax.models import configs as model_configs  # pylint: disable=g-import-not-at-top
+  classes = model_config.get("num_classes")
+  if spec.conditioning == "class" and classes is not None and 0 < classes < spec.num_classes:
+    raise ValueError(f"config.model.num_classes={classes} is below the data's "
+                     f"{spec.num_classes} classes; set --config.model.num_classes="
+                     f"{spec.num_classes}")
+  name = str(model_config.get("name", ""))
+  if not name.startswith(("DiT-", "MMDiT-")) or len(spec.x_shape) != 3:
+    return
+  cfg = model_configs.resolve_config(model_config)
+  h, w, c = spec.x_shape
+  if c != cfg.in_channels:
+    raise ValueError(f"config.model.in_channels={cfg.in_channels} does not match the data's "
+                     f"{c} channels (examples {h} x {w} x {c}); set "
+                     f"--config.model.in_channels={c}")
+  if h % cfg.patch_size or w % cfg.patch_size:
+    raise ValueError(f"the data's {h} x {w} examples (config.data.image_size or the latent "
+                     f"shape) are not divisible by the patch size {cfg.patch_size} of "
+                     f"config.model.name={name!r}")

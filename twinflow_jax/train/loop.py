@@ -118,6 +118,7 @@ def build(config: Any, devices=None) -> Setup:
     rules = mesh_lib.logical_rules(config.mesh.logical_axis_rules,
                                    models.DEFAULT_LOGICAL_AXIS_RULES)
     data_spec = data_lib.get_data_spec(config.data)
+    config_lib.check_model_fits_data(config.model, data_spec)
     accum = int(config.optim.accum_steps)
     tx, schedule = optim.create_optimizer(config.optim, t.num_steps)
 
