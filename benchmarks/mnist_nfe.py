@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -99,6 +100,13 @@ def main(argv=None):
   bad = [p for p in presets if p not in sampling.PRESETS]
   if bad:
     sys.exit(f"error: unknown presets {bad}; choose from {tuple(sampling.PRESETS)}")
+  if not presets:
+    sys.exit("error: --presets names no preset")
+  if args.num < 10 or args.num % 10:
+    sys.exit(f"error: --num must be a positive multiple of 10 (the classes), got {args.num}")
+  if args.json and (os.path.isdir(args.json)
+                    or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+    sys.exit(f"error: --json {args.json} is a directory or its folder does not exist")
   try:
     result = evaluate_run(args.workdir, step=args.step, weights=args.weights.split(","),
                           presets=presets, num=args.num, seed=args.seed)

@@ -137,6 +137,7 @@ def test_sample_command_writes_npz_and_png_and_touches_nothing(run_dir, tmp_path
     (["--step", "7"], r"no complete checkpoint of step 7 in .*; available: \[1, 2\]"),
     (["--labels", "3,12"], r"--labels must lie in \[0, 10\)"),
     (["--cond-file", "x.npz"], "--cond-file is for text-conditional runs"),
+    (["--out", "/proc/nowhere/x.npz"], "--out: the folder /proc/nowhere does not exist"),
 ])
 def test_sample_command_user_errors(run_dir, tmp_path, capsys, argv, message):
   before = snapshot(run_dir)
@@ -160,6 +161,10 @@ def test_relative_workdir_and_a_link_into_it(run_dir, tmp_path, monkeypatch):
   with pytest.raises(SystemExit) as e:
     sample.main(["--workdir", run_dir, "--num", "4", "--out", str(tmp_path / "link" / "x")])
   assert e.value.code == 1
+  # An --out that is a directory is refused before anything is generated.
+  (tmp_path / "d.npz").mkdir()
+  with pytest.raises(SystemExit):
+    sample.main(["--workdir", run_dir, "--num", "4", "--out", str(tmp_path / "d.npz")])
   assert snapshot(run_dir) == before
 
 

@@ -226,6 +226,21 @@ def _inside(path: str, folder: str) -> bool:
   return os.path.commonpath([path, folder]) == folder
 
 
+def _out_path(out: str, source: str, source_flag: str) -> str:
+  """The absolute OUT.npz (OUT.png beside it), checked before anything is generated."""
+  root, ext = os.path.splitext(out)
+  out = os.path.abspath((root if ext in (".npz", ".png") else out) + ".npz")
+  if _inside(out, source):
+    raise UserError(f"--out {out} lies inside {source_flag}; this command never writes there")
+  for path in (out, out[:-len(".npz")] + ".png"):
+    if os.path.isdir(path):
+      raise UserError(f"--out: {path} is a directory; give a file name, e.g. {path}/x.npz")
+  if not os.path.isdir(os.path.dirname(out)):
+    raise UserError(f"--out: the folder {os.path.dirname(out)} does not exist; create it "
+                    "first")
+  return out
+
+
 def default_out(workdir: str, step: int, preset: str, weights: str) -> str:
   run = os.path.basename(os.path.normpath(workdir)) or "run"
   return os.path.abspath(f"samples_{run}_step{step}_{preset}_{weights}.npz")
@@ -288,12 +303,8 @@ def run(args: argparse.Namespace) -> str:
   if args.cfg_scale is not None and cond is None:
     raise UserError("--cfg-scale needs a conditional run")
   decoder, evaluators = _decoder_and_evaluators(args, run_)
-  out = args.out or default_out(args.workdir, step, args.preset, weights)
-  if not out.endswith(".npz"):
-    out += ".npz"
-  out = os.path.abspath(out)
-  if _inside(out, args.workdir):
-    raise UserError(f"--out {out} lies inside --workdir; this command never writes there")
+  out = _out_path(args.out or default_out(args.workdir, step, args.preset, weights),
+                  args.workdir, "--workdir")
   _log(f"run {args.workdir}: model {run_.config.model.name}, samples {tuple(spec.x_shape)}; "
        f"read the {weights} weights of step {step} (of {run_.steps}) in "
        f"{time.perf_counter() - t0:.1f}s; mesh {dict(run_.mesh.shape)}")
@@ -393,11 +404,8 @@ def _run_diffusers(args: argparse.Namespace) -> str:
     cond["guidance"] = np.full((num,), g, np.float32)
   graphdef, params = state_lib.split_model(model)
   apply_fn = state_lib.make_apply_fn(graphdef)
-  out = os.path.abspath(args.out or f"samples_{os.path.basename(path)}_{args.preset}.npz")
-  if not out.endswith(".npz"):
-    out += ".npz"
-  if _inside(out, path):
-    raise UserError(f"--out {out} lies inside --diffusers; this command never writes there")
+  out = _out_path(args.out or f"samples_{os.path.basename(path)}_{args.preset}.npz",
+                  path, "--diffusers")
   _log(f"{name} from {path} ({args.dtype}) read in {time.perf_counter() - t0:.1f}s; "
        f"generating {num} samples [{h}, {w}, {channels}] with preset {args.preset}")
   uncond = None
