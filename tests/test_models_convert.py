@@ -150,6 +150,10 @@ def test_cli_rejects_ddpm_dit_and_bad_sizes(ref, tmp_path, capsys):
                        '--out', out]) == 1
   assert 'not found' in capsys.readouterr().err
   assert not os.path.exists(out)
+  (tmp_path / 'afile').write_text('x')
+  assert convert.main(['--src', src, '--model', 'DiT-S/2', '--out',
+                       str(tmp_path / 'afile')]) == 1
+  assert 'is a file; give a directory' in capsys.readouterr().err
 
   model = create_model(model_config(cfg), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='in_channels'):

@@ -475,6 +475,8 @@ def prepare(args: argparse.Namespace, process_index: int | None = None,
   simulated = process_index is not None
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
+  if os.path.exists(args.output) and not os.path.isdir(args.output):
+    raise PrepareError(f'--output {args.output} is a file; give a directory for the records')
   for flag in ('image_size', 'batch_size', 'shard_size', 'workers'):
     if getattr(args, flag) < 1:
       raise PrepareError(f'--{flag}={getattr(args, flag)} must be >= 1')

@@ -86,9 +86,15 @@ def _overrides(items: list[str]) -> dict:
   return out
 
 
+def _check_out_dir(out: str) -> None:
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out {out} is a file; give a directory for the converted model')
+
+
 def convert(args: argparse.Namespace) -> dict:
   """Runs the conversion; returns the stored model config."""
   time_convention = time_convention_for(args.source)
+  _check_out_dir(args.out)
   sd = read_state_dict(args.src, allow_pickle=args.allow_pickle)
   fields = infer_dit_fields(sd)
   if args.keep_sigma and not fields['learn_sigma']:
@@ -194,6 +200,7 @@ def _progress(total_hint: str):
 def diffusers_import(args: argparse.Namespace) -> dict:
   """diffusers folder -> pretrained directory; returns the stored model config."""
   out = os.path.abspath(args.out)
+  _check_out_dir(out)
   if os.path.exists(os.path.join(out, 'params')):
     raise ValueError(f'{out} already holds a checkpoint')
   model = dlib.load_model(args.src, _overrides(args.set), mesh=_fsdp_mesh(),
