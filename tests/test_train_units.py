@@ -86,6 +86,10 @@ def test_logical_rules_override_defaults():
   rules = mesh_lib.logical_rules([("embed", None), ("new", ["data", "fsdp"])],
                                  (("embed", "fsdp"), ("mlp", "tensor")))
   assert dict(rules) == {"embed": None, "mlp": "tensor", "new": ("data", "fsdp")}
+  for bad, match in ((["abc"], "each rule must be a pair"),
+                     ([("embed", "bar")], r"rule 'embed' names mesh axes \['bar'\]")):
+    with pytest.raises(ValueError, match=r"config.mesh.logical_axis_rules: " + match):
+      mesh_lib.logical_rules(bad, (("embed", "fsdp"),))
 
 
 # ------------------------------------------------------------------------------ optim

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -156,12 +157,31 @@ def check_shardable(abstract_tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> 
 
 def logical_rules(config_rules: Any, default_rules: Sequence[tuple[str, Any]]
                   ) -> tuple[tuple[str, Any], ...]:
-  """Config rules (list of (logical, mesh axes) pairs or a mapping) override defaults."""
+  """Config rules (list of (logical, mesh axes) pairs or a mapping) override defaults.
+
+  Raises:
+    ValueError: naming config.mesh.logical_axis_rules, for a rule that is not a pair or
+      a mesh axis that does not exist. (A logical name the defaults lack is allowed, for
+      models of your own, with a warning: it may be a typo.)
+  """
   rules = dict(default_rules)
+  field = "config.mesh.logical_axis_rules"
   if config_rules:
     items = config_rules.items() if isinstance(config_rules, Mapping) else config_rules
-    for name, axes in items:
+    for rule in items:
+      if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+        raise ValueError(f"{field}: each rule must be a pair (logical name, mesh axes), "
+                         f"got {rule!r}")
+      name, axes = rule
+      if name not in rules:
+        logging.warning("%s: logical axis %r is not one the shipped models use (%s)",
+                        field, name, ", ".join(sorted(dict(default_rules))))
       if isinstance(axes, list):
         axes = tuple(axes)
+      named = axes if isinstance(axes, tuple) else (axes,)
+      bad = [a for a in named if a is not None and a not in MESH_AXES]
+      if bad:
+        raise ValueError(f"{field}: rule {name!r} names mesh axes {bad}; the mesh axes "
+                         f"are {MESH_AXES} (or None)")
       rules[name] = axes
   return tuple(rules.items())
