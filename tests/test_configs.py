@@ -172,3 +172,17 @@ def test_model_must_fit_the_data():
   # Text conditioning and other families are left to the model.
   config_lib.check_model_fits_data({"name": "mlp", "num_classes": 1},
                                    data_lib.DataSpec((2,), 1, "class"))
+
+
+def test_distributed_on_without_a_cluster_is_one_line(tmp_path):
+  env = cpu_env.subprocess_env(1)
+  for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri",
+            "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    env.pop(v, None)
+  out = subprocess.run([sys.executable, "-m", "twinflow_jax.main", "--distributed=on",
+                        f"--config={ROOT / 'configs/toy2d.py'}", f"--workdir={tmp_path / 'w'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "error: --distributed=on: jax.distributed.initialize() failed")
+  assert not (tmp_path / "w").exists()

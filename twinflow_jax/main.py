@@ -79,8 +79,15 @@ def maybe_initialize_distributed(mode: str, coordinator_address: str | None = No
     raise errors.UserError(f"--process_id must lie in [0, {num_processes}) with "
                            f"--num_processes={num_processes}, got {process_id}")
   import jax  # pylint: disable=g-import-not-at-top
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  except ValueError as e:   # e.g. no coordinator address and no cluster JAX detects
+    raise errors.UserError(
+        f"--distributed={mode}: jax.distributed.initialize() failed ({errors.one_line(e)}); "
+        "outside a cluster JAX detects (SLURM, Open MPI, Cloud TPU) give "
+        "--coordinator_address=HOST:PORT, --num_processes=N and --process_id=I, or use "
+        "--distributed=off for one process") from e
   logging.info("jax.distributed initialised: process %d of %d, %d local / %d devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
