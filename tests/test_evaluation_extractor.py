@@ -144,3 +144,18 @@ def test_inception_evaluator_clips_model_samples(model):
   x = np.random.default_rng(2).uniform(-3, 3, (8, 8, 8, 1)).astype(np.float32)
   got = evaluate(x)
   assert got == evaluate(np.clip(x, -1, 1)) and np.isfinite(got['inception_score'])
+
+
+def test_npz_member_images_errors(tmp_path):
+  from twinflow_jax.evaluation.image_sources import NpzMemberImages  # pylint: disable=g-import-not-at-top
+  bad = tmp_path / 'bad.npz'
+  bad.write_text('not a zip')
+  good = str(tmp_path / 'x.npz')
+  np.savez(good, labels=np.arange(10), x=images(2, 8, 8))
+  for path, key, match in ((str(bad), None, 'not an .npz file'),
+                           (good, 'nokey', "has no key 'nokey'"),
+                           (good, 'labels', r'expected images \[N, H, W\(, C\)\], got shape '
+                                            r'\(10,\)')):
+    with pytest.raises(ValueError, match=match):
+      NpzMemberImages(path, key)
+  assert NpzMemberImages(good, 'x').shape == (2, 8, 8, 3)

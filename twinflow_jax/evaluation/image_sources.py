@@ -49,8 +49,12 @@ class NpzMemberImages:
 
   def __init__(self, path: str, key: str | None = None):
     self.path = path
-    with zipfile.ZipFile(path) as zf:
-      names = [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
+    self._zip = self._file = None   # before anything can raise: __del__ closes them
+    try:
+      with zipfile.ZipFile(path) as zf:
+        names = [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
+    except zipfile.BadZipFile as e:
+      raise ValueError(f'{path}: not an .npz file ({e})') from e
     if key is None:
       key = next((k for k in NPZ_KEYS if k in names), None)
       if key is None:
@@ -59,8 +63,10 @@ class NpzMemberImages:
     elif key not in names:
       raise ValueError(f'{path}: has no key {key!r}; keys: {names}')
     self.key = key
-    self._zip = self._file = None
     self._open()
+    if len(self._shape) not in (3, 4):
+      raise ValueError(f'{path}[{key}]: expected images [N, H, W(, C)], got shape '
+                       f'{self._shape}')
     self.shape = (self._shape[0],) + as_uint8_nhwc(
         np.zeros((1,) + self._shape[1:], np.uint8), f'{path}[{key}]').shape[1:]
 
