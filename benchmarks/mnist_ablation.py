@@ -27,7 +27,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def load_default_config(overrides: dict[str, object], config_file: str = "configs/default.py"):
-  spec = importlib.util.spec_from_file_location("ablation_config", ROOT / config_file)
+  """The config file's get_config() with `section.field` overrides.
+
+  Raises:
+    ValueError: a missing config file or an override of a field the config lacks.
+  """
+  path = ROOT / config_file
+  if not path.is_file():
+    raise ValueError(f"--config {config_file}: no such file")
+  spec = importlib.util.spec_from_file_location("ablation_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
@@ -35,7 +43,11 @@ def load_default_config(overrides: dict[str, object], config_file: str = "config
     node = c
     *parents, last = key.split(".")
     for p in parents:
+      if p not in node:
+        raise ValueError(f"--set {key}: the config has no field {p!r} here")
       node = node[p]
+    if last not in node:
+      raise ValueError(f"--set {key}: the config has no field {last!r} (docs/configs.md)")
     node[last] = value
   return c
 
@@ -71,20 +83,32 @@ def main(argv=None):
   overrides = {"train.eval_ema_decays": (0.999,), "train.sample_every": 0,
                **parse_overrides(args.set)}
   workdir = os.path.join(args.root, args.name)
+  from twinflow_jax import errors  # pylint: disable=g-import-not-at-top
+  from twinflow_jax import sampling  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
+  bad = [p for p in args.presets.split(",") if p not in sampling.PRESETS]
+  if bad:
+    sys.exit(f"error: unknown presets {bad}; choose from {tuple(sampling.PRESETS)}")
   train_seconds = None
   if not args.eval_only:
     logging.set_verbosity(logging.WARNING)
-    config = load_default_config(overrides, args.config)
-    t0 = time.time()
-    result = loop.train(config, workdir)
+    try:
+      config = load_default_config(overrides, args.config)
+      t0 = time.time()
+      result = loop.train(config, workdir)
+    except (ValueError, errors.UserError, errors.RunError) as e:
+      sys.exit(f"error: {errors.one_line(e)}")
     train_seconds = round(time.time() - t0, 1)
     # The last record may be an evaluation's, which has no loss.
     final = next((h["loss"] for h in reversed(result.history) if "loss" in h), float("nan"))
     print(f"[{args.name}] trained {result.step} steps in {train_seconds}s; final loss "
           f"{final:.4f}", flush=True)
   weights = args.weights.split(",")
-  res = mnist_nfe.evaluate_run(workdir, weights=weights, presets=args.presets.split(","),
-                               num=args.num)
+  try:
+    res = mnist_nfe.evaluate_run(workdir, weights=weights, presets=args.presets.split(","),
+                                 num=args.num)
+  except (readonly.CheckpointReadError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
   print(mnist_nfe.format_table(res), flush=True)
   record = {"name": args.name, "config": args.config, "overrides": args.set,
             "train_seconds": train_seconds, "time": time.strftime("%Y-%m-%d %H:%M"), **res}
