@@ -137,7 +137,7 @@ def test_sample_command_writes_npz_and_png_and_touches_nothing(run_dir, tmp_path
     (["--step", "7"], r"no complete checkpoint of step 7 in .*; available: \[1, 2\]"),
     (["--labels", "3,12"], r"--labels must lie in \[0, 10\)"),
     (["--cond-file", "x.npz"], "--cond-file is for text-conditional runs"),
-    (["--out", "/proc/nowhere/x.npz"], "--out: the folder /proc/nowhere does not exist"),
+    (["--out", "/proc/nowhere/x.npz"], "--out: cannot create the folder /proc/nowhere"),
 ])
 def test_sample_command_user_errors(run_dir, tmp_path, capsys, argv, message):
   before = snapshot(run_dir)

@@ -235,9 +235,11 @@ def _out_path(out: str, source: str, source_flag: str) -> str:
   for path in (out, out[:-len(".npz")] + ".png"):
     if os.path.isdir(path):
       raise UserError(f"--out: {path} is a directory; give a file name, e.g. {path}/x.npz")
-  if not os.path.isdir(os.path.dirname(out)):
-    raise UserError(f"--out: the folder {os.path.dirname(out)} does not exist; create it "
-                    "first")
+  try:   # the folder is made here, so a path that cannot be written fails before sampling
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--out: cannot create the folder {os.path.dirname(out)} "
+                    f"({type(e).__name__}: {e.strerror or e})") from e
   return out
 
 
