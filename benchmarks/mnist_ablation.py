@@ -78,17 +78,14 @@ def main(argv=None):
 
   from absl import logging  # pylint: disable=g-import-not-at-top
   import mnist_nfe  # pylint: disable=g-import-not-at-top
+  from twinflow_jax import errors  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
 
   overrides = {"train.eval_ema_decays": (0.999,), "train.sample_every": 0,
                **parse_overrides(args.set)}
   workdir = os.path.join(args.root, args.name)
-  from twinflow_jax import errors  # pylint: disable=g-import-not-at-top
-  from twinflow_jax import sampling  # pylint: disable=g-import-not-at-top
-  from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
-  bad = [p for p in args.presets.split(",") if p not in sampling.PRESETS]
-  if bad:
-    sys.exit(f"error: unknown presets {bad}; choose from {tuple(sampling.PRESETS)}")
+  presets = mnist_nfe.parse_presets(args.presets)
   train_seconds = None
   if not args.eval_only:
     logging.set_verbosity(logging.WARNING)
@@ -105,8 +102,7 @@ def main(argv=None):
           f"{final:.4f}", flush=True)
   weights = args.weights.split(",")
   try:
-    res = mnist_nfe.evaluate_run(workdir, weights=weights, presets=args.presets.split(","),
-                                 num=args.num)
+    res = mnist_nfe.evaluate_run(workdir, weights=weights, presets=presets, num=args.num)
   except (readonly.CheckpointReadError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   print(mnist_nfe.format_table(res), flush=True)

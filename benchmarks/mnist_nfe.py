@@ -82,6 +82,18 @@ def format_table(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def parse_presets(text: str) -> list[str]:
+  """Comma-separated sampler presets; exits with one error line if unknown or none."""
+  from twinflow_jax import sampling  # pylint: disable=g-import-not-at-top
+  presets = [p for p in text.split(",") if p]
+  bad = [p for p in presets if p not in sampling.PRESETS]
+  if bad:
+    sys.exit(f"error: unknown presets {bad}; choose from {tuple(sampling.PRESETS)}")
+  if not presets:
+    sys.exit("error: --presets names no preset")
+  return presets
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True)
@@ -94,14 +106,8 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", default=None, help="also write the results here")
   args = parser.parse_args(argv)
-  from twinflow_jax import sampling  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
-  presets = [p for p in args.presets.split(",") if p]
-  bad = [p for p in presets if p not in sampling.PRESETS]
-  if bad:
-    sys.exit(f"error: unknown presets {bad}; choose from {tuple(sampling.PRESETS)}")
-  if not presets:
-    sys.exit("error: --presets names no preset")
+  presets = parse_presets(args.presets)
   if args.num < 10 or args.num % 10:
     sys.exit(f"error: --num must be a positive multiple of 10 (the classes), got {args.num}")
   if args.json and (os.path.isdir(args.json)

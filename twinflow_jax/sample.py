@@ -337,8 +337,7 @@ def run(args: argparse.Namespace) -> str:
     _log(f"metrics ({time.perf_counter() - t0:.1f}s): " +
          ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+  if jax.process_index() == 0:   # out's folder exists: _out_path made it
     cfg = sampling.get_config(args.preset)
     record = {"samples": samples, "preset": np.asarray(args.preset), "step": np.asarray(step),
               "weights": np.asarray(weights), "seed": np.asarray(args.seed),
@@ -419,8 +418,7 @@ def _run_diffusers(args: argparse.Namespace) -> str:
       apply_fn, params, cond, args.preset, key=args.seed, x_shape=(h, w, channels), num=num,
       mesh=mesh, rules=(), batch_size=args.batch, uncond=uncond, cfg_scale=args.cfg_scale,
       progress=True)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+  if jax.process_index() == 0:   # out's folder exists: _out_path made it
     np.savez(out, samples=samples, preset=np.asarray(args.preset), seed=np.asarray(args.seed),
              weights=np.asarray("diffusers"), diffusers=np.asarray(path),
              cfg_scale=np.asarray(np.nan if args.cfg_scale is None else args.cfg_scale),
