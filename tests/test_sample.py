@@ -138,6 +138,9 @@ def test_sample_command_writes_npz_and_png_and_touches_nothing(run_dir, tmp_path
     (["--labels", "3,12"], r"--labels must lie in \[0, 10\)"),
     (["--cond-file", "x.npz"], "--cond-file is for text-conditional runs"),
     (["--out", "/proc/nowhere/x.npz"], "--out: cannot create the folder /proc/nowhere"),
+    (["--metrics", "mnist", "--reference", "ref.npz"],
+     "--reference given without --metrics inception"),
+    (["--inception-metrics", "fid"], "--inception-metrics given without --metrics inception"),
 ])
 def test_sample_command_user_errors(run_dir, tmp_path, capsys, argv, message):
   before = snapshot(run_dir)

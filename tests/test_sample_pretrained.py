@@ -136,3 +136,13 @@ def test_diffusers_folder_samples_straight(tmp_path):
   f = np.asarray(model(z, np.full(2, t, np.float32), np.full(2, r, np.float32),
                        dict(cond, guidance=np.full(2, 4.0, np.float32))))
   np.testing.assert_allclose(got["samples"], z - t * f, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_folder_refuses_metrics(tmp_path, capsys):
+  folder = pathlib.Path(__file__).parent / "fixtures" / "flux_dev_tiny"
+  with pytest.raises(SystemExit) as e:
+    sample.main(["--diffusers", str(folder), "--latent-size", "4,6", "--metrics", "mnist",
+                 "--out", str(tmp_path / "d.npz")])
+  assert e.value.code == 1
+  assert "--metrics applies to --workdir runs" in capsys.readouterr().err
+  assert not list(tmp_path.iterdir())

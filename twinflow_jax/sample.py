@@ -44,6 +44,7 @@ import numpy as np
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+_INCEPTION_METRICS = "fid,inception_score"   # --inception-metrics default
 
 
 class UserError(Exception):
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--inception-weights", "--inception_weights", dest="inception_weights",
                  default="", help="--metrics inception: converted FID Inception weights .npz")
   p.add_argument("--inception-metrics", "--inception_metrics", dest="inception_metrics",
-                 default="fid,inception_score",
+                 default=_INCEPTION_METRICS,
                  help="--metrics inception: any of fid, inception_score, precision, recall")
   p.add_argument("--out", default=None,
                  help="output .npz (a .png grid is written next to it); default "
@@ -189,6 +190,20 @@ def _model_field(run_, field: str) -> Any:
   return getattr(cfg, field, None)
 
 
+def _metric_names(args: argparse.Namespace) -> tuple[str, ...]:
+  """--metrics as names; refuses Inception flags that would be ignored. Raises UserError."""
+  metrics = tuple(m for m in args.metrics.replace(" ", "").split(",") if m)
+  if "inception" not in metrics:
+    given = [flag for flag, value, unset in (
+        ("--reference", args.reference, ""),
+        ("--inception-weights", args.inception_weights, ""),
+        ("--inception-metrics", args.inception_metrics, _INCEPTION_METRICS)) if value != unset]
+    if given:
+      raise UserError(f"{', '.join(given)} given without --metrics inception; add it to "
+                      "--metrics or drop the flag")
+  return metrics
+
+
 def _decoder_and_evaluators(args: argparse.Namespace, run_: Any):
   """(VAE decoder or None, {metric: evaluator}) for this run and the flags."""
   from twinflow_jax.train import evaluation  # pylint: disable=g-import-not-at-top
@@ -202,7 +217,7 @@ def _decoder_and_evaluators(args: argparse.Namespace, run_: Any):
       raise UserError(f"--vae {args.vae} given, but the run's data (config.data.source="
                       f"{run_.config.data.source!r}, paths={run_.config.data.get('paths')!r}) "
                       "have no metadata.json naming latents to decode")
-  metrics = tuple(m for m in args.metrics.replace(" ", "").split(",") if m)
+  metrics = _metric_names(args)
   if not metrics:
     return decoder, {}
   from twinflow_jax.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
@@ -373,6 +388,9 @@ def _run_diffusers(args: argparse.Namespace) -> str:
 
   if args.base:
     raise UserError("--base applies to --workdir of a LoRA run, not to --diffusers")
+  if _metric_names(args):
+    raise UserError("--metrics applies to --workdir runs; score the --diffusers samples' "
+                    ".npz with twinflow_jax.evaluation (docs/evaluation.md)")
   path = os.path.abspath(args.diffusers)
   if not diffusers.is_diffusers_dir(path):
     raise UserError(f"--diffusers {args.diffusers} is not a diffusers model folder "
