@@ -1,8 +1,8 @@
 """Faults through the real CLI: exit status, the one-line message, and no good checkpoint lost.
 
 One shrunk toy run (checkpoints 2, 4, 6) is copied for each fault: a flipped bit in a
-stored array value, a NaN in the optimizer state, all-NaN data, a full disk during an asynchronous save,
-a missing data-iterator file and a changed config. Faults that need a real failure point
+stored array value, truncated array files, a NaN in the optimizer state, all-NaN data, a
+full disk during an asynchronous save, a missing data-iterator file and a changed config. Faults that need a real failure point
 use the test-only hook `twinflow_jax.train.faults` (environment variable TWINFLOW_FAULTS).
 """
 
@@ -111,6 +111,21 @@ def test_bit_flipped_array_falls_back_and_is_set_aside(good_run, tmp_path, cache
   # Resumed from 4: steps 5 and 6 repeat the uninterrupted run exactly.
   ref, got = losses(good_run), losses(workdir)
   np.testing.assert_allclose([got[s] for s in (5, 6)], [ref[s] for s in (5, 6)], atol=1e-6)
+
+
+def test_truncated_chunk_files_fall_back_quietly(good_run, tmp_path, cache_dir):
+  """An array Orbax cannot read: one error line, no tracebacks of its abandoned reads."""
+  workdir = copy_of(good_run, tmp_path)
+  for f in (workdir / "checkpoints" / "6" / "state").glob("ocdbt.process_0/d/*"):
+    os.truncate(f, 10)
+  out = run_cli(workdir, "--config.train.num_steps=6", cache=cache_dir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r"checkpoint 6 in .* cannot be used \(.*\); trying the previous one",
+                   out.stderr)
+  for noise in ("Traceback", "Event loop is closed", "Exception ignored",
+                "never retrieved", "TensorStore details"):
+    assert noise not in out.stderr, out.stderr[-3000:]
+  assert (workdir / "checkpoints" / "6.corrupt").is_dir() and steps_in(workdir) == [2, 4, 6]
 
 
 def test_nan_in_optimizer_state_stops_without_saving(good_run, tmp_path, cache_dir):

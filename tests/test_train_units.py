@@ -260,3 +260,12 @@ def test_skip_monitor_stops_after_the_limit_naming_the_first_skipped_step():
                      r"\(config.train.max_consecutive_skips=3\), the first at step 4 "
                      r"\(not finite: new optimizer state\)\. Nothing was saved"):
     monitor.flush()
+
+
+def test_one_line_drops_tensorstore_spec_dumps():
+  from twinflow_jax import errors
+  e = Exception("Encountered error while reading array index: (slice(0, 64, 1),). See full "
+                "TensorStore details: <bound method spec of TensorStore({\n  'base': {\n"
+                "    'driver': 'zarr',\n  },\n})>.")
+  assert errors.one_line(e) == "Encountered error while reading array index: (slice(0, 64, 1),)."
+  assert errors.one_line(ValueError("a\n  b\n")) == "a; b"

@@ -80,4 +80,6 @@ def as_config_errors(what: str = "") -> Iterator[None]:
 def one_line(error: BaseException) -> str:
   """The message of `error` on one line (newlines of multi-line messages become '; ')."""
   text = str(error).strip() or type(error).__name__
+  # TensorStore appends its whole store spec (dozens of lines) to read errors: drop it.
+  text = text.split(" See full TensorStore details:")[0]
   return "; ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -45,7 +45,9 @@ import dataclasses
 import errno
 import functools
 import json
+import logging as std_logging
 import os
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
@@ -249,6 +251,43 @@ def _barrier(name: str) -> None:
 
 def _read_json(path: epath.Path) -> Any:
   return json.loads(path.read_text())
+
+
+def _quiet_abandoned_reads() -> None:
+  """Drops the noise of Orbax's abandoned parallel reads after a failed restore.
+
+  When one array of a checkpoint fails to read, Orbax raises at once and closes its event
+  loop with the other reads unfinished. Python then prints each of them as it is
+  collected or completes: "Exception ignored in <coroutine ...>" and asyncio's "Task
+  exception was never retrieved" (with a TensorStore spec dump each), and "RuntimeError:
+  Event loop is closed" from TensorStore's threads, dozens of tracebacks around the one
+  line that reports the failure. Installed once, for the rest of the process, after the
+  first failed restore; anything else still reaches the usual hook and log.
+  """
+  global _QUIETED
+  if _QUIETED:
+    return
+  _QUIETED = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    obj, exc = unraisable.object, unraisable.exc_value
+    code = getattr(obj, "cr_code", None)
+    if ((code is not None and "orbax" in code.co_filename)
+        or (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")):
+      logging.debug("abandoned checkpoint read: %s", errors.one_line(exc))
+    else:
+      previous(unraisable)
+
+  def keep(record) -> bool:
+    text = record.getMessage()
+    return not ("exception was never retrieved" in text and "orbax" in text)
+
+  sys.unraisablehook = hook
+  std_logging.getLogger("asyncio").addFilter(keep)
+
+
+_QUIETED = False
 
 
 def _restore_arrays(step_dir: epath.Path, target: PyTree) -> PyTree:
@@ -604,6 +643,7 @@ class Checkpointer:
       ok, why = False, f"missing file: {errors.one_line(e)}"
     except Exception as e:  # pylint: disable=broad-except
       ok, why = False, f"{type(e).__name__}: {errors.one_line(e)}"
+      _quiet_abandoned_reads()
     shared = _share(ok, why)
     if not all(s for s, _ in shared):
       return None, _failures(shared)
