@@ -41,7 +41,7 @@ def get_config():
   # the 0.99 teacher (a ~100-step average) lags a network that is still learning fast:
   # teacher decay 0.8 lifts 1-NFE accuracy, FID and diversity together (ratio 0.4: 0.984 /
   # 12.9 / 0.85 against 0.960 / 13.7 / 0.79), which leaves room for weaker guidance
-  # (ratio 0.3: 0.966-0.968 accuracy, FID 6.0-7.3, pixel diversity 0.82-0.88 over two
+  # (ratio 0.3: 0.966-0.968 accuracy, FID 4.8-7.3, pixel diversity 0.82-0.88 over three
   # training seeds). The ablation: docs/evaluation-mnist.md.
   c.loss.metric = "barron"
   c.loss.estimate_order = 2
