@@ -389,8 +389,8 @@ def _run_diffusers(args: argparse.Namespace) -> str:
   if args.base:
     raise UserError("--base applies to --workdir of a LoRA run, not to --diffusers")
   if _metric_names(args):
-    raise UserError("--metrics applies to --workdir runs; score the --diffusers samples' "
-                    ".npz with twinflow_jax.evaluation (docs/evaluation.md)")
+    raise UserError("--metrics applies to --workdir runs, not to --diffusers (whose samples "
+                    "are undecoded latents); drop --metrics")
   path = os.path.abspath(args.diffusers)
   if not diffusers.is_diffusers_dir(path):
     raise UserError(f"--diffusers {args.diffusers} is not a diffusers model folder "

@@ -253,6 +253,9 @@ def _read_json(path: epath.Path) -> Any:
   return json.loads(path.read_text())
 
 
+_QUIETED = False   # _quiet_abandoned_reads has run
+
+
 def _quiet_abandoned_reads() -> None:
   """Drops the noise of Orbax's abandoned parallel reads after a failed restore.
 
@@ -285,9 +288,6 @@ def _quiet_abandoned_reads() -> None:
 
   sys.unraisablehook = hook
   std_logging.getLogger("asyncio").addFilter(keep)
-
-
-_QUIETED = False
 
 
 def _restore_arrays(step_dir: epath.Path, target: PyTree) -> PyTree:
