@@ -204,7 +204,8 @@ def _metric_names(args: argparse.Namespace) -> tuple[str, ...]:
   return metrics
 
 
-def _decoder_and_evaluators(args: argparse.Namespace, run_: Any):
+def _decoder_and_evaluators(args: argparse.Namespace, run_: Any,
+                            metrics: tuple[str, ...]):
   """(VAE decoder or None, {metric: evaluator}) for this run and the flags."""
   from twinflow_jax.train import evaluation  # pylint: disable=g-import-not-at-top
   decoder = None
@@ -217,7 +218,6 @@ def _decoder_and_evaluators(args: argparse.Namespace, run_: Any):
       raise UserError(f"--vae {args.vae} given, but the run's data (config.data.source="
                       f"{run_.config.data.source!r}, paths={run_.config.data.get('paths')!r}) "
                       "have no metadata.json naming latents to decode")
-  metrics = _metric_names(args)
   if not metrics:
     return decoder, {}
   from twinflow_jax.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
@@ -278,7 +278,11 @@ def run(args: argparse.Namespace) -> str:
   from twinflow_jax.train import images  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import readonly  # pylint: disable=g-import-not-at-top
 
+  metric_names = _metric_names(args)   # before anything is read: flag mistakes fail at once
   if args.diffusers:
+    if metric_names:
+      raise UserError("--metrics applies to --workdir runs, not to --diffusers (whose "
+                      "samples are undecoded latents); drop --metrics")
     return _run_diffusers(args)
   t0 = time.perf_counter()
   try:
@@ -319,7 +323,7 @@ def run(args: argparse.Namespace) -> str:
     cond = labels
   if args.cfg_scale is not None and cond is None:
     raise UserError("--cfg-scale needs a conditional run")
-  decoder, evaluators = _decoder_and_evaluators(args, run_)
+  decoder, evaluators = _decoder_and_evaluators(args, run_, metric_names)
   out = _out_path(args.out or default_out(args.workdir, step, args.preset, weights),
                   args.workdir, "--workdir")
   _log(f"run {args.workdir}: model {run_.config.model.name}, samples {tuple(spec.x_shape)}; "
@@ -388,9 +392,6 @@ def _run_diffusers(args: argparse.Namespace) -> str:
 
   if args.base:
     raise UserError("--base applies to --workdir of a LoRA run, not to --diffusers")
-  if _metric_names(args):
-    raise UserError("--metrics applies to --workdir runs, not to --diffusers (whose samples "
-                    "are undecoded latents); drop --metrics")
   path = os.path.abspath(args.diffusers)
   if not diffusers.is_diffusers_dir(path):
     raise UserError(f"--diffusers {args.diffusers} is not a diffusers model folder "

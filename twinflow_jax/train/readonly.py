@@ -175,10 +175,9 @@ def restore_weights(workdir: str, step: int, key: tuple[str, ...], abstract_para
     cause = e.__cause__
     if cause is None:   # read, but fails verification (the message names the arrays)
       raise CheckpointReadError(f"{e}; it was left as it is") from e
-    msg = str(cause).splitlines()[0] if str(cause) else ""
     raise CheckpointReadError(
-        f"checkpoint {step_dir} cannot be read ({type(cause).__name__}: {msg[:200]}); it was "
-        "left as it is") from e
+        f"checkpoint {step_dir} cannot be read ({type(cause).__name__}: "
+        f"{errors.one_line(cause)[:200]}); it was left as it is") from e
   for k in key:
     out = out[k]
   got = jax.tree.map(lambda a: (a.shape, a.dtype), out)
@@ -350,8 +349,8 @@ def load_run(workdir: str, step: int | None = None, weights: Sequence[str] | Non
   from twinflow_jax import generate  # pylint: disable=g-import-not-at-top
   from twinflow_jax import models  # pylint: disable=g-import-not-at-top
   from twinflow_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  workdir = checkpoint_lib.absolute_workdir(workdir)
   from twinflow_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  workdir = checkpoint_lib.absolute_workdir(workdir)
 
   if not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir} is not a directory")
