@@ -157,3 +157,33 @@ def test_resume_differences_allow_schedule_length_and_mesh_only():
   del now["loss"]["delta"]
   assert "loss.delta: 0.01 -> '<absent>'" in config_lib.resume_differences(saved, now)
   assert os.environ.get(faults.ENV) is None
+
+
+def _raise_from(filename: str) -> BaseException:
+  """An exception whose traceback has one frame in `filename`."""
+  try:
+    exec(compile("raise ValueError('OUT_OF_RANGE')", filename, "exec"))
+  except ValueError as cause:
+    try:
+      raise Exception("Encountered error while reading array index") from cause
+    except Exception as e:  # pylint: disable=broad-except
+      return e
+
+
+@pytest.mark.parametrize("name, filename, dropped", [
+    # A gathering future's repr names only the exception: its traceback says Orbax.
+    ("_GatheringFuture", "/site/orbax/checkpoint/serialization.py", True),
+    ("Task", "/site/orbax/checkpoint/serialization.py", True),
+    ("_GatheringFuture", "/site/mylib/io.py", False),
+])
+def test_asyncio_filter_drops_only_abandoned_orbax_reads(name, filename, dropped):
+  import logging
+  e = _raise_from(filename.replace("/", os.sep))
+  record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                             f"{name} exception was never retrieved\nfuture: <{name} "
+                             f"finished exception={e!r}>", None,
+                             (type(e), e, e.__traceback__))
+  assert ckpt_lib._not_an_abandoned_read(record) is not dropped
+  other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Unclosed client session",
+                            None, (type(e), e, e.__traceback__))
+  assert ckpt_lib._not_an_abandoned_read(other)

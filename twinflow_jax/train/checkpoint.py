@@ -257,15 +257,17 @@ _QUIETED = False   # _quiet_abandoned_reads has run
 
 
 def _quiet_abandoned_reads() -> None:
-  """Drops the noise of Orbax's abandoned parallel reads after a failed restore.
+  """Drops the noise of Orbax's abandoned parallel reads when a restore fails.
 
   When one array of a checkpoint fails to read, Orbax raises at once and closes its event
   loop with the other reads unfinished. Python then prints each of them as it is
   collected or completes: "Exception ignored in <coroutine ...>" and asyncio's "Task
   exception was never retrieved" (with a TensorStore spec dump each), and "RuntimeError:
   Event loop is closed" from TensorStore's threads, dozens of tracebacks around the one
-  line that reports the failure. Installed once, for the rest of the process, after the
-  first failed restore; anything else still reaches the usual hook and log.
+  line that reports the failure. Some of them come while the failing read still unwinds,
+  so this is installed before the first restore (a restore that succeeds prints none of
+  them) and stays for the rest of the process; anything else still reaches the usual
+  hook and log.
   """
   global _QUIETED
   if _QUIETED:
@@ -276,18 +278,43 @@ def _quiet_abandoned_reads() -> None:
   def hook(unraisable):
     obj, exc = unraisable.object, unraisable.exc_value
     code = getattr(obj, "cr_code", None)
-    if ((code is not None and "orbax" in code.co_filename)
+    if ((code is not None and _ORBAX in code.co_filename) or _raised_in_orbax(exc)
         or (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")):
       logging.debug("abandoned checkpoint read: %s", errors.one_line(exc))
     else:
       previous(unraisable)
 
-  def keep(record) -> bool:
-    text = record.getMessage()
-    return not ("exception was never retrieved" in text and "orbax" in text)
-
   sys.unraisablehook = hook
-  std_logging.getLogger("asyncio").addFilter(keep)
+  std_logging.getLogger("asyncio").addFilter(_not_an_abandoned_read)
+
+
+_ORBAX = f"{os.sep}orbax{os.sep}"
+
+
+def _raised_in_orbax(exc: BaseException | None) -> bool:
+  """Whether `exc`, or an exception it was raised from, passed through Orbax's code."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    tb = exc.__traceback__
+    while tb is not None:
+      if _ORBAX in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    exc = exc.__cause__ or exc.__context__
+  return False
+
+
+def _not_an_abandoned_read(record: std_logging.LogRecord) -> bool:
+  """asyncio log filter: False for "... exception was never retrieved" of an Orbax read.
+
+  Both the tasks (whose repr names Orbax's coroutine) and the futures that gather them
+  (whose repr names only the exception, hence the look at its traceback).
+  """
+  if "exception was never retrieved" not in record.getMessage():
+    return True
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (_ORBAX in record.getMessage() or _raised_in_orbax(exc))
 
 
 def _restore_arrays(step_dir: epath.Path, target: PyTree) -> PyTree:
@@ -637,13 +664,13 @@ class Checkpointer:
       if faults.active("restore_error", step):
         raise OSError(errno.EIO, "injected read error", str(step_dir / STATE))
       record = _read_json(step_dir / INTEGRITY / JSON_FILE)
+      _quiet_abandoned_reads()
       state = _restore_arrays(step_dir, abstract_state)
       ok, why = True, ""
     except FileNotFoundError as e:
       ok, why = False, f"missing file: {errors.one_line(e)}"
     except Exception as e:  # pylint: disable=broad-except
       ok, why = False, f"{type(e).__name__}: {errors.one_line(e)}"
-      _quiet_abandoned_reads()
     shared = _share(ok, why)
     if not all(s for s, _ in shared):
       return None, _failures(shared)
