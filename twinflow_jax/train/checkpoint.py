@@ -314,7 +314,11 @@ def _not_an_abandoned_read(record: std_logging.LogRecord) -> bool:
   if "exception was never retrieved" not in record.getMessage():
     return True
   exc = record.exc_info[1] if record.exc_info else None
-  return not (_ORBAX in record.getMessage() or _raised_in_orbax(exc))
+  if _ORBAX in record.getMessage() or _raised_in_orbax(exc):
+    logging.debug("abandoned checkpoint read: %s",
+                  errors.one_line(exc) if exc else record.getMessage().splitlines()[0])
+    return False
+  return True
 
 
 def _restore_arrays(step_dir: epath.Path, target: PyTree) -> PyTree:
