@@ -42,11 +42,12 @@ def get_config():
   # that is still learning fast: teacher decay 0.8 lifts 1-NFE accuracy, FID and diversity
   # together (ratio 0.4: 0.984 / 12.9 / 0.85 against 0.960 / 13.7 / 0.79). Twice the mul
   # and any rows (the rows that learn the teacher's flow) lift accuracy, which pays for
-  # ratio 0.25: over three training seeds (three sampling seeds each), 3500 steps give
-  # 1-NFE accuracy 0.958-0.981, FID 3.8-6.7 and pixel diversity 0.86-0.95 (mean 0.90),
-  # against 0.955-0.968, 4.8-8.0 and 0.82-0.89 (mean 0.86) for the equal shares, ratio
-  # 0.3 and 3000 steps of the default until 2026-12-01 16:40. Ratio 0.2 falls to 0.935 on
-  # one sampling seed. The ablation: docs/evaluation-mnist.md.
+  # ratio 0.25: over five training seeds (three sampling seeds each), 3500 steps give
+  # 1-NFE accuracy 0.958-0.989, FID 3.8-8.6 and pixel diversity 0.86-0.95 (mean 0.89;
+  # seed 0: 0.93-0.95), against 0.955-0.968, 4.8-8.0 and 0.82-0.89 (mean 0.86, three
+  # seeds) for the equal shares, ratio 0.3 and 3000 steps of the default until 2026-12-01
+  # 16:40. Ratio 0.2 falls to 0.935 on one sampling seed. The ablation:
+  # docs/evaluation-mnist.md.
   c.loss.metric = "barron"
   c.loss.estimate_order = 2
   c.loss.enhanced_ratio = 0.25
