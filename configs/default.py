@@ -1,6 +1,6 @@
 """Default run: a small class-conditional DiT on the MNIST digits bundled with the package.
 
-What it is for: the first real run, 7-9 minutes on a 2-core CPU (host-dependent), ending in
+What it is for: the first real run, 7-10 minutes on a 2-core CPU (host-dependent), ending in
 recognisable one-step (1-NFE) digits; it exercises everything a large run uses (sharding,
 the EMA teacher, checkpoints, resumption, sample grids).
 What it needs: nothing beyond the core install; the 5000 MNIST digits ship with the
