@@ -170,20 +170,25 @@ def _raise_from(filename: str) -> BaseException:
       return e
 
 
-@pytest.mark.parametrize("name, filename, dropped", [
+@pytest.mark.parametrize("message, filename, dropped", [
     # A gathering future's repr names only the exception: its traceback says Orbax.
-    ("_GatheringFuture", "/site/orbax/checkpoint/serialization.py", True),
-    ("Task", "/site/orbax/checkpoint/serialization.py", True),
-    ("_GatheringFuture", "/site/mylib/io.py", False),
+    ("_GatheringFuture exception was never retrieved", "/site/orbax/checkpoint/io.py", True),
+    ("Task exception was never retrieved", "/site/orbax/checkpoint/io.py", True),
+    ("Exception in callback _chain_future", "/site/orbax/checkpoint/io.py", True),
+    ("_GatheringFuture exception was never retrieved", "/site/mylib/io.py", False),
+    ("Exception in callback _chain_future", "/site/mylib/io.py", False),
 ])
-def test_asyncio_filter_drops_only_abandoned_orbax_reads(name, filename, dropped):
+def test_asyncio_filter_drops_only_abandoned_orbax_reads(message, filename, dropped):
   import logging
   e = _raise_from(filename.replace("/", os.sep))
   record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
-                             f"{name} exception was never retrieved\nfuture: <{name} "
-                             f"finished exception={e!r}>", None,
+                             f"{message}\nfuture: <finished exception={e!r}>", None,
                              (type(e), e, e.__traceback__))
   assert ckpt_lib._not_an_abandoned_read(record) is not dropped
-  other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Unclosed client session",
-                            None, (type(e), e, e.__traceback__))
-  assert ckpt_lib._not_an_abandoned_read(other)
+  plain = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Unclosed client session",
+                            None, None)
+  assert ckpt_lib._not_an_abandoned_read(plain)
+  closed = RuntimeError("Event loop is closed")
+  assert not ckpt_lib._not_an_abandoned_read(logging.LogRecord(
+      "asyncio", logging.ERROR, __file__, 1, "Exception in callback", None,
+      (RuntimeError, closed, None)))

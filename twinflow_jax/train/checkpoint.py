@@ -306,17 +306,19 @@ def _raised_in_orbax(exc: BaseException | None) -> bool:
 
 
 def _not_an_abandoned_read(record: std_logging.LogRecord) -> bool:
-  """asyncio log filter: False for "... exception was never retrieved" of an Orbax read.
+  """asyncio log filter: False for the errors of Orbax's abandoned reads, True otherwise.
 
-  Both the tasks (whose repr names Orbax's coroutine) and the futures that gather them
-  (whose repr names only the exception, hence the look at its traceback).
+  "... exception was never retrieved" of the tasks (whose repr names Orbax's coroutine)
+  and of the futures that gather them (whose repr names only the exception), "Exception
+  in callback ..." and the like: judged by the exception's traceback through Orbax's code,
+  or "Event loop is closed". What it drops goes to the debug log.
   """
-  if "exception was never retrieved" not in record.getMessage():
-    return True
   exc = record.exc_info[1] if record.exc_info else None
-  if _ORBAX in record.getMessage() or _raised_in_orbax(exc):
+  text = record.getMessage()
+  if (_raised_in_orbax(exc) or ("never retrieved" in text and _ORBAX in text)
+      or (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")):
     logging.debug("abandoned checkpoint read: %s",
-                  errors.one_line(exc) if exc else record.getMessage().splitlines()[0])
+                  errors.one_line(exc) if exc else text.splitlines()[0])
     return False
   return True
 
