@@ -278,8 +278,7 @@ def _quiet_abandoned_reads() -> None:
   def hook(unraisable):
     obj, exc = unraisable.object, unraisable.exc_value
     code = getattr(obj, "cr_code", None)
-    if ((code is not None and _ORBAX in code.co_filename) or _raised_in_orbax(exc)
-        or (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")):
+    if (code is not None and _ORBAX in code.co_filename) or _abandoned_read_error(exc):
       logging.debug("abandoned checkpoint read: %s", errors.one_line(exc))
     else:
       previous(unraisable)
@@ -291,8 +290,11 @@ def _quiet_abandoned_reads() -> None:
 _ORBAX = f"{os.sep}orbax{os.sep}"
 
 
-def _raised_in_orbax(exc: BaseException | None) -> bool:
-  """Whether `exc`, or an exception it was raised from, passed through Orbax's code."""
+def _abandoned_read_error(exc: BaseException | None) -> bool:
+  """Whether `exc` is what an abandoned Orbax read leaves: raised through Orbax's code (or
+  from an exception that was), or TensorStore's "Event loop is closed"."""
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
@@ -315,8 +317,7 @@ def _not_an_abandoned_read(record: std_logging.LogRecord) -> bool:
   """
   exc = record.exc_info[1] if record.exc_info else None
   text = record.getMessage()
-  if (_raised_in_orbax(exc) or ("never retrieved" in text and _ORBAX in text)
-      or (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")):
+  if _abandoned_read_error(exc) or ("never retrieved" in text and _ORBAX in text):
     logging.debug("abandoned checkpoint read: %s",
                   errors.one_line(exc) if exc else text.splitlines()[0])
     return False
