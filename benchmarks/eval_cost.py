@@ -37,7 +37,7 @@ def main() -> None:
   state = type("State", (), {"ema": run.weights["ema"]})
   for i in range(args.repeats):
     out = ev(state, run.step)
-    shown = ", ".join(f"{k.split('/', 3)[-1]} {v:.3f}" for k, v in out.items()
+    shown = ", ".join(f"{k.split('/', 2)[-1]} {v:.3f}" for k, v in out.items()
                       if not k.endswith("seconds"))
     print(f"evaluation {i}: {out['eval/seconds']:.2f}s (sampling {out['eval/sample_seconds']:.2f}s)"
           f"; step {run.step}: {shown}", flush=True)

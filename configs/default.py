@@ -9,9 +9,10 @@ package (`twinflow_jax/data/assets/mnist5k.npz`). They are padded to 32 x 32 and
 (at 32 x 32 it needs several times longer for the same quality).
 Outputs: workdir/samples/step_*_{1nfe,2nfe,4nfe}.png, 10 x 10 grids with one class per
 column (0-9, tiles enlarged 4x), next to metrics.jsonl and checkpoints/. At step 2000 and
-at the end, 1000 one-step digits of the EMA (100 per class, fixed seeds) are judged
-offline by the bundled classifier (class accuracy, classifier FID, diversity): the
-`eval/ema/1nfe/mnist/*` records of metrics.jsonl (about 12 s in all, most of it once).
+at the end, 1000 EMA digits (100 per class, fixed seeds) at 1 NFE and with `any4` (the
+few-step preset recommended for this model) are judged offline by the bundled classifier
+(class accuracy, classifier FID, diversity): the `eval/ema/{1nfe,any4}/mnist/*` records of
+metrics.jsonl (about 8 s in all, most of it once).
 
   python -m twinflow_jax.main --config configs/default.py --workdir /tmp/mnist
 """
@@ -74,6 +75,6 @@ def get_config():
 
   c.eval.metrics = ("mnist",)
   c.eval.every = 2000
-  c.eval.presets = ("1nfe",)
+  c.eval.presets = ("1nfe", "any4")   # any4: the few-step preset recommended for this model
   c.eval.num_samples = 1000      # the size of the real-digit floor (evaluation/mnist.py)
   return c
