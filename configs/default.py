@@ -12,7 +12,7 @@ column (0-9, tiles enlarged 4x), next to metrics.jsonl and checkpoints/. At step
 at the end, 1000 EMA digits (100 per class, fixed seeds) at 1 NFE and with `any4` (the
 few-step preset recommended for this model) are judged offline by the bundled classifier
 (class accuracy, classifier FID, diversity): the `eval/ema/{1nfe,any4}/mnist/*` records of
-metrics.jsonl (about 8 s in all, most of it once).
+metrics.jsonl (about 7 s in all, most of it once).
 
   python -m twinflow_jax.main --config configs/default.py --workdir /tmp/mnist
 """
