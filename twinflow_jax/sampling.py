@@ -84,8 +84,8 @@ PRESETS: dict[str, SamplerConfig] = {
                              time_dist=(1.17, 0.8, 1.1)),
     # Not official: `any` steps with half of the noise re-injected. On the MNIST default
     # (ten sample sets) it is the most accurate preset (0.979 against 0.975 at 1 NFE) but
-    # the least varied (pixel diversity 0.86 against 0.89); the official `any4` is no worse
-    # than 1 NFE on any metric and is the one recommended there
+    # the least varied (pixel diversity 0.86 against 0.89); the official `any4` is on average
+    # no worse than 1 NFE on every metric and is the one recommended there
     # (benchmarks/mnist_sampler_search.py, docs/evaluation-mnist.md).
     "small4": SamplerConfig(steps=4, stochastic_ratio=0.5, gaps=(0.001, 0.6), style="any"),
 }
