@@ -37,26 +37,31 @@ def preset_name(cfg: sampling.SamplerConfig) -> str | None:
   return next((k for k, v in sampling.PRESETS.items() if v == cfg), None)
 
 
-def search_run(workdir: str, step, weights: str, configs, num: int, seed: int) -> dict:
-  """Samples and judges every (name, SamplerConfig) of `configs` on one run and seed."""
+def search_run(workdir: str, step, weights: str, configs, num: int,
+               seeds: list[int]) -> list[dict]:
+  """Samples and judges every (name, SamplerConfig) of `configs` on one run, per seed."""
   run = readonly.load_run(workdir, step, (weights,))
   spec = run.spec
   ev = mnist.MnistEvaluator(spec.x_shape[0], spec.x_shape[-1])
   labels = generate.class_labels(num, spec.num_classes)
-  rows = []
-  print(f"{workdir} step {run.step}, {weights} weights, {num} samples, seed {seed}")
-  print("| sampler | acc | worst | FID | div px | div feat |\n|---|---|---|---|---|---|")
-  for name, cfg in configs:
-    t0 = time.perf_counter()
-    x = generate.generate(run.apply_fn, run.weights[weights], labels, cfg, key=seed,
-                          x_shape=spec.x_shape, mesh=run.mesh, rules=run.rules,
-                          batch_size=500)
-    m = ev.evaluate(x, labels)
-    rows.append({"sampler": name, "config": cfg.__dict__, **m})
-    print(f"| {name} | {m['class_acc']:.3f} | {m['class_acc_min']:.2f} | {m['fid']:.2f} | "
-          f"{m['div_pixel_rel']:.2f} | {m['div_feat_rel']:.2f} |  ({time.perf_counter() - t0:.0f}s)",
-          flush=True)
-  return {"workdir": workdir, "step": run.step, "weights": weights, "seed": seed, "rows": rows}
+  sets = []
+  for seed in seeds:
+    rows = []
+    print(f"{workdir} step {run.step}, {weights} weights, {num} samples, seed {seed}")
+    print("| sampler | acc | worst | FID | div px | div feat |\n|---|---|---|---|---|---|")
+    for name, cfg in configs:
+      t0 = time.perf_counter()
+      x = generate.generate(run.apply_fn, run.weights[weights], labels, cfg, key=seed,
+                            x_shape=spec.x_shape, mesh=run.mesh, rules=run.rules,
+                            batch_size=500)
+      m = ev.evaluate(x, labels)
+      rows.append({"sampler": name, "config": cfg.__dict__, **m})
+      print(f"| {name} | {m['class_acc']:.3f} | {m['class_acc_min']:.2f} | {m['fid']:.2f} | "
+            f"{m['div_pixel_rel']:.2f} | {m['div_feat_rel']:.2f} |  "
+            f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    sets.append({"workdir": workdir, "step": run.step, "weights": weights, "seed": seed,
+                 "rows": rows})
+  return sets
 
 
 def summarise(sets: list[dict]) -> list[dict]:
@@ -100,11 +105,11 @@ def main(argv=None):
 
   configs = [("1nfe", sampling.PRESETS["1nfe"])]
   for (steps, s, g1, style), cfg in zip(grid, searched):
-    name = f"{style} n={steps} s={s:g} g1={g1:g}"
-    configs.append((f"{name} ({preset_name(cfg)})" if preset_name(cfg) else name, cfg))
+    name, preset = f"{style} n={steps} s={s:g} g1={g1:g}", preset_name(cfg)
+    configs.append((f"{name} ({preset})" if preset else name, cfg))
   try:
-    sets = [search_run(w, args.step, args.weights, configs, args.num, seed)
-            for w in args.workdir.split(",") for seed in seeds]
+    sets = [one for w in args.workdir.split(",")
+            for one in search_run(w, args.step, args.weights, configs, args.num, seeds)]
   except (readonly.CheckpointReadError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   summary = summarise(sets) if len(sets) > 1 else None
