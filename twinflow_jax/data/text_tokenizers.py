@@ -207,8 +207,8 @@ def load_tokenizer(folder: str, kind: str) -> TextTokenizer:
   elif kind == "t5":
     raise FileNotFoundError(
         f"T5 tokenizer folder {folder} has no tokenizer.json (a spiece.model alone is not "
-        "read); write one with transformers: T5TokenizerFast.from_pretrained(FOLDER)"
-        ".save_pretrained(FOLDER)")
+        "read); write one next to it, once and offline, by loading this folder with "
+        "transformers' T5TokenizerFast and saving it back")
   else:
     tok = _build_bpe(folder, kind, config)
   _add_tokens(tok, folder, config)

@@ -239,7 +239,7 @@ def save_diffusers_vae(vae, folder: str) -> str:
   """Writes an `AutoencoderKL` as a diffusers folder (config.json + float32 safetensors).
 
   The inverse of `load_diffusers_vae`, for VAEs made or changed here (benchmarks,
-  tests); diffusers' `AutoencoderKL.from_pretrained(folder)` reads it.
+  tests); diffusers' `AutoencoderKL` loads the local folder it writes.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   cfg = vae.config
