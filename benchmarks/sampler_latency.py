@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from twinflow_jax import hostmem
 from twinflow_jax import models
 from twinflow_jax import sampling
 
@@ -101,11 +102,13 @@ def main(argv=None):
               f"{1e3 * lat:9.1f} ms/batch, {rec['images_per_s']:9.2f} images/s "
               f"(first call with compile {first:.1f}s)", flush=True)
   load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else []
-  out = {"records": records, "jax": jax.__version__, "load_average": load}
+  out = {"records": records, "jax": jax.__version__, "load_average": load,
+           "resident_malloc": hostmem.resident_malloc_active()}
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
   return records
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_resident_malloc()   # as twinflow_jax.main runs
   main()

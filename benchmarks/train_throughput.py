@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twinflow_jax import hostmem
 from twinflow_jax import losses
 from twinflow_jax import models
 from twinflow_jax.train import config as config_lib
@@ -217,7 +218,8 @@ def main(argv=None):
             f"{xla}; compile {rec['compile_s']:.1f}s)", flush=True)
   if main_process:
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else []
-    out = {"records": records, "jax": jax.__version__, "load_average": load}
+    out = {"records": records, "jax": jax.__version__, "load_average": load,
+           "resident_malloc": hostmem.resident_malloc_active()}
     if args.json:
       pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
@@ -225,4 +227,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_resident_malloc()   # as twinflow_jax.main runs
   main()

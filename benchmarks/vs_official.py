@@ -22,6 +22,11 @@ environment sets it: with OpenMP's default its idle threads spin on the shared c
 the JAX worker is timed, which made the JAX side up to 1.6x slower in the measurements
 before 2026-11-30 19:30 UTC (docs/performance.md).
 
+Host memory: the JAX workers run with glibc's resident malloc, as `twinflow_jax.main` runs
+(twinflow_jax/hostmem.py; without it XLA's CPU runtime faults in and zeroes its temporary
+buffer again on every call); `--jax-malloc default` turns it off, `--torch-malloc resident`
+gives the PyTorch worker the same setting.
+
 The official code is not part of this project: give a checkout of inclusionAI/TwinFlow
 with `--official-repo` (its `src/methodes/twinflow/twinflow.py` is loaded from there). On a
 machine without CUDA its `torch.cuda.get_rng_state` / `set_rng_state` calls (which replay
@@ -46,6 +51,7 @@ import json
 import math
 import os
 import pathlib
+import platform
 import resource
 import statistics
 import subprocess
@@ -53,6 +59,8 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from twinflow_jax import hostmem  # pylint: disable=g-import-not-at-top,wrong-import-position
 KINDS = ("fwd", "fm", "step")
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
@@ -381,6 +389,14 @@ class Worker:
       # the JAX worker is timed on (measured: the JAX fm call 9.3 s beside an idle torch
       # worker with the default policy, 5.9 s with PASSIVE; torch itself was no slower).
       env.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
+    # Host memory as each side's own command runs it: ours restarts with glibc's resident
+    # malloc (twinflow_jax.hostmem), the official scripts do not; `--torch-malloc resident`
+    # gives PyTorch the same setting.
+    malloc = args.torch_malloc if kind == "torch" else args.jax_malloc
+    if malloc == "resident":
+      env = hostmem.resident_malloc_env(
+          env, linux_glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
+          accelerator=kind == "jax" and args.device == "cuda") or env
     if kind == "jax" and args.jax_cache:
       # The memory pass compiles the step again: let it come from the cache.
       env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(args.jax_cache, side)
@@ -450,6 +466,12 @@ def main(argv=None):
   ap.add_argument("--omp-wait-policy", default="PASSIVE",
                   help="OMP_WAIT_POLICY of the PyTorch worker unless the environment sets "
                        "it ('' = OpenMP's default: its idle threads spin on the cores)")
+  ap.add_argument("--jax-malloc", default="resident", choices=("resident", "default"),
+                  help="host malloc of the JAX workers: 'resident' as twinflow_jax.main "
+                       "runs (twinflow_jax/hostmem.py), or glibc's default")
+  ap.add_argument("--torch-malloc", default="default", choices=("resident", "default"),
+                  help="host malloc of the PyTorch worker: glibc's default, as the official "
+                       "scripts run, or 'resident' (the same tunables as ours)")
   ap.add_argument("--jax-cache", default="", help="persistent compilation cache folder of "
                   "the JAX workers (one per worker; the memory pass then skips compiling)")
   ap.add_argument("--peak-flops", type=float, default=0.0,

@@ -2,11 +2,14 @@
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 
 import cpu_env
+
+from twinflow_jax import hostmem
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +37,13 @@ def test_one_console_line_per_logged_step_and_no_backend_probe(tmp_path):
   assert "libtpu" not in console
   backend = [l for l in lines if "JAX backend cpu: 1 device(s)" in l]
   assert len(backend) == 1, console
+  # The command restarted itself with glibc's resident malloc (twinflow_jax/hostmem.py)
+  # where that applies (Linux, glibc, no accelerator).
+  restarts = hostmem.resident_malloc_env(
+      env, linux_glibc=platform.libc_ver()[0] == "glibc" and sys.platform == "linux",
+      accelerator=hostmem._accelerator_present()) is not None  # pylint: disable=protected-access
+  assert backend[0].endswith("; host buffers kept resident") == (
+      restarts or hostmem.resident_malloc_active()), backend[0]
 
   # Logged steps 2 and 4: each appears in exactly one console line, the progress line.
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -29,6 +29,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from twinflow_jax import errors
+from twinflow_jax import hostmem
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py, optionally FILE:ARG); override "
@@ -232,5 +233,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_resident_malloc()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=parse_flags)

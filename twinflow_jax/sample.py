@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from twinflow_jax import hostmem
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 _INCEPTION_METRICS = "fid,inception_score"   # --inception-metrics default
@@ -475,4 +477,5 @@ def _cli() -> None:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_resident_malloc()
   _cli()

@@ -67,10 +67,12 @@ def quiet_library_logs(packages: tuple[str, ...] = ("orbax",)) -> None:
 def backend_line() -> str:
   """One line naming the JAX backend and devices in use, e.g. 'JAX backend cpu: 8 ...'."""
   import jax  # pylint: disable=g-import-not-at-top
+  from twinflow_jax import hostmem  # pylint: disable=g-import-not-at-top
   kinds = sorted({d.device_kind for d in jax.devices()})
+  resident = "; host buffers kept resident" if hostmem.resident_malloc_active() else ""
   return (f"JAX backend {jax.default_backend()}: {jax.device_count()} device(s) "
           f"({', '.join(kinds)}), {jax.local_device_count()} local, "
-          f"{jax.process_count()} process(es)")
+          f"{jax.process_count()} process(es){resident}")
 
 
 class LoggingWriter:
