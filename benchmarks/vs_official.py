@@ -24,8 +24,9 @@ before 2026-11-30 19:30 UTC (docs/performance.md).
 
 Host memory: the JAX workers run with glibc's resident malloc, as `twinflow_jax.main` runs
 (twinflow_jax/hostmem.py; without it XLA's CPU runtime faults in and zeroes its temporary
-buffer again on every call); `--jax-malloc default` turns it off, `--torch-malloc resident`
-gives the PyTorch worker the same setting.
+buffer again on every call); `--jax-malloc large` adds one malloc arena
+(TWINFLOW_RESIDENT_MALLOC=large), `--jax-malloc default` turns it off, `--torch-malloc`
+gives the PyTorch worker the same settings.
 
 The official code is not part of this project: give a checkout of inclusionAI/TwinFlow
 with `--official-repo` (its `src/methodes/twinflow/twinflow.py` is loaded from there). On a
@@ -393,9 +394,9 @@ class Worker:
     # malloc (twinflow_jax.hostmem), the official scripts do not; `--torch-malloc resident`
     # gives PyTorch the same setting.
     malloc = args.torch_malloc if kind == "torch" else args.jax_malloc
-    if malloc == "resident":
+    if malloc != "default":
       env = hostmem.resident_malloc_env(
-          env, linux_glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
+          {**env, hostmem.MODE_ENV: "large" if malloc == "large" else "1"}, linux_glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
           accelerator=kind == "jax" and args.device == "cuda") or env
     if kind == "jax" and args.jax_cache:
       # The memory pass compiles the step again: let it come from the cache.
@@ -466,12 +467,13 @@ def main(argv=None):
   ap.add_argument("--omp-wait-policy", default="PASSIVE",
                   help="OMP_WAIT_POLICY of the PyTorch worker unless the environment sets "
                        "it ('' = OpenMP's default: its idle threads spin on the cores)")
-  ap.add_argument("--jax-malloc", default="resident", choices=("resident", "default"),
+  ap.add_argument("--jax-malloc", default="resident", choices=("resident", "large", "default"),
                   help="host malloc of the JAX workers: 'resident' as twinflow_jax.main "
-                       "runs (twinflow_jax/hostmem.py), or glibc's default")
-  ap.add_argument("--torch-malloc", default="default", choices=("resident", "default"),
+                       "runs, 'large' as with TWINFLOW_RESIDENT_MALLOC=large "
+                       "(twinflow_jax/hostmem.py), or glibc's default")
+  ap.add_argument("--torch-malloc", default="default", choices=("resident", "large", "default"),
                   help="host malloc of the PyTorch worker: glibc's default, as the official "
-                       "scripts run, or 'resident' (the same tunables as ours)")
+                       "scripts run, or the same tunables as ours")
   ap.add_argument("--jax-cache", default="", help="persistent compilation cache folder of "
                   "the JAX workers (one per worker; the memory pass then skips compiling)")
   ap.add_argument("--peak-flops", type=float, default=0.0,

@@ -1,14 +1,22 @@
 """Host memory: keep XLA's CPU buffers resident between steps (Linux, glibc).
 
-XLA's CPU runtime allocates each call's temporary buffer (2.1 GiB for a DiT-S/2 forward +
-backward at batch 16) from one of glibc's per-thread arenas, which can only serve it with
-a fresh `mmap` and return it with `munmap` when the call ends: every step then faults in
-and zeroes all of it again (about 600,000 page faults and 1.3-1.5 s of kernel time per
-DiT-S/2 step on 2 cores). Three glibc tunables keep the memory in the process instead:
-one arena (`arena_max=1`), no `mmap` for large blocks (`mmap_max=0`, so they come from the
-heap, where a freed block is reused) and no trimming of the heap (`trim_threshold`). The
-process's peak memory is unchanged (the same buffers exist at the same time); it is held
-until exit rather than handed back between steps.
+XLA's CPU runtime allocates each call's buffers with malloc; glibc serves large blocks
+with a fresh `mmap` and returns them with `munmap` (and trims its heaps), so every step
+faults in and zeroes its working memory again: for a DiT-S/2 forward + backward at batch
+16, a 2.1 GiB temporary buffer, about 600,000 page faults and 1.3-1.5 s of kernel time
+per call on 2 cores. glibc's tunables keep the memory in the process instead:
+
+  * `mmap_max=0` (large blocks come from the heap, where a freed block is reused) and
+    `trim_threshold` = 2^62 (the heap is never handed back): the default. The default
+    MNIST step runs about 1.2x faster with them.
+  * `arena_max=1` as well ("large"): glibc's per-thread arenas cannot hold a block over
+    64 MiB and `mmap` it whatever `mmap_max` says, so a model whose step needs larger
+    buffers (DiT-S/2 and up) keeps them resident only with one arena. One arena costs
+    the small default model about 20% (its threads then share one lock), so it is not
+    the default: set TWINFLOW_RESIDENT_MALLOC=large for large models on a CPU.
+
+The process's peak memory is unchanged (the same buffers exist at the same time); it is
+held until exit rather than handed back between steps.
 
 glibc reads GLIBC_TUNABLES once, when the process starts, so the command-line entry
 points (`twinflow_jax.main`, `twinflow_jax.sample`, the benchmarks) call
@@ -26,10 +34,10 @@ import platform
 import sys
 from typing import Mapping
 
-OPT_OUT = "TWINFLOW_RESIDENT_MALLOC"
-TUNABLES = (("glibc.malloc.arena_max", "1"),
-            ("glibc.malloc.mmap_max", "0"),
+MODE_ENV = "TWINFLOW_RESIDENT_MALLOC"
+TUNABLES = (("glibc.malloc.mmap_max", "0"),
             ("glibc.malloc.trim_threshold", str(2**62)))
+LARGE_TUNABLES = (("glibc.malloc.arena_max", "1"),) + TUNABLES
 # Device files of accelerators JAX would use: NVIDIA, AMD (ROCm), TPU (accel or vfio).
 _ACCELERATOR_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*",
                       "/dev/vfio/[0-9]*")
@@ -49,12 +57,18 @@ def resident_malloc_env(environ: Mapping[str, str], *, linux_glibc: bool,
     accelerator: an accelerator device is present (its buffers are not host memory).
 
   Returns:
-    A copy of `environ` whose GLIBC_TUNABLES has the `TUNABLES` the user did not set
-    (the user's own values win), or None: not glibc, `OPT_OUT` is '0'/'off'/'false',
-    JAX_PLATFORMS names no 'cpu' platform first, an accelerator without
-    JAX_PLATFORMS=cpu, or every tunable already set.
+    A copy of `environ` whose GLIBC_TUNABLES has the `TUNABLES` (`LARGE_TUNABLES` when
+    `MODE_ENV` is 'large') the user did not set (the user's own values win), or None: not
+    glibc, `MODE_ENV` is '0'/'off'/'false'/'no', JAX_PLATFORMS names another platform
+    first, an accelerator without JAX_PLATFORMS=cpu, or every tunable already set.
+
+  Raises:
+    ValueError: `MODE_ENV` has another value.
   """
-  if not linux_glibc or environ.get(OPT_OUT, "").lower() in ("0", "off", "false", "no"):
+  mode = environ.get(MODE_ENV, "").strip().lower()
+  if mode not in ("", "1", "on", "large", "0", "off", "false", "no"):
+    raise ValueError(f"{MODE_ENV}={environ[MODE_ENV]!r}: use 1 (default), large or 0")
+  if not linux_glibc or mode in ("0", "off", "false", "no"):
     return None
   platforms = environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
@@ -64,7 +78,8 @@ def resident_malloc_env(environ: Mapping[str, str], *, linux_glibc: bool,
     return None
   current = environ.get("GLIBC_TUNABLES", "")
   names = {item.split("=", 1)[0] for item in current.split(":") if item}
-  missing = [f"{name}={value}" for name, value in TUNABLES if name not in names]
+  wanted = LARGE_TUNABLES if mode == "large" else TUNABLES
+  missing = [f"{name}={value}" for name, value in wanted if name not in names]
   if not missing:
     return None
   env = dict(environ)
@@ -78,9 +93,13 @@ def reexec_with_resident_malloc() -> None:
   Call it first in a `__main__` block, before any work: `os.execve` replaces the
   process (same PID), so a job launcher sees nothing.
   """
-  env = resident_malloc_env(
-      os.environ, linux_glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
-      accelerator=_accelerator_present())
+  try:
+    env = resident_malloc_env(
+        os.environ, linux_glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
+        accelerator=_accelerator_present())
+  except ValueError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
   if env is None:
     return
   sys.stdout.flush()
@@ -88,7 +107,36 @@ def reexec_with_resident_malloc() -> None:
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def resident_malloc_active() -> bool:
-  """True when this process runs with all of `TUNABLES` in GLIBC_TUNABLES."""
-  names = {item.split("=", 1)[0] for item in os.environ.get("GLIBC_TUNABLES", "").split(":")}
+def resident_malloc_active(environ: Mapping[str, str] | None = None) -> bool:
+  """True when this process (or `environ`) has all of `TUNABLES` in GLIBC_TUNABLES."""
+  environ = os.environ if environ is None else environ
+  names = {item.split("=", 1)[0] for item in environ.get("GLIBC_TUNABLES", "").split(":")}
   return all(name in names for name, _ in TUNABLES)
+
+
+# glibc's per-thread arena heaps hold at most this; larger blocks are always mmap-ed.
+ARENA_HEAP_BYTES = 64 * 2**20
+
+
+def large_buffer_hint(temp_bytes: int | None, backend: str,
+                      environ: Mapping[str, str] | None = None) -> str | None:
+  """A one-line advice when a CPU step's temporaries are too large to stay resident.
+
+  Args:
+    temp_bytes: the compiled step's temporary buffer (`memory_analysis()`), or None.
+    backend: `jax.default_backend()`.
+    environ: the environment (default: this process's).
+
+  Returns:
+    The advice to set TWINFLOW_RESIDENT_MALLOC=large, or None (not a CPU backend, small
+    buffers, already one arena, or the resident malloc turned off).
+  """
+  environ = os.environ if environ is None else environ
+  names = {item.split("=", 1)[0] for item in environ.get("GLIBC_TUNABLES", "").split(":")}
+  if (backend != "cpu" or not temp_bytes or temp_bytes <= ARENA_HEAP_BYTES
+      or "glibc.malloc.arena_max" in names or not resident_malloc_active(environ)):
+    return None
+  return (f"the train step's {temp_bytes / 2**30:.2f} GiB of XLA temporaries are larger than "
+          f"glibc's per-thread heaps and are faulted in again on every step; "
+          f"{MODE_ENV}=large keeps them resident (DiT-S/2 on 2 cores: about 1.2x faster "
+          "forward + backward, docs/performance.md)")

@@ -27,6 +27,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from twinflow_jax import data as data_lib
 from twinflow_jax import errors
+from twinflow_jax import hostmem
 from twinflow_jax import models
 from twinflow_jax import sampling
 from twinflow_jax.train import checkpoint as ckpt_lib
@@ -466,6 +467,11 @@ def train(config: Any, workdir: str, *, stop: preemption.StopRequest | None = No
   t0 = time.perf_counter()
   compiled = compile_step(setup)
   logging.info("train step compiled in %.1fs", time.perf_counter() - t0)
+  memory = compiled.memory_analysis()
+  hint = hostmem.large_buffer_hint(memory.temp_size_in_bytes if memory else None,
+                                   jax.default_backend())
+  if hint and jax.process_index() == 0:
+    logging.info(hint)
   sampler = make_sampler(setup, config)
   sample_source = config_lib.sample_source(config)
   step_args = () if frozen is None else (frozen,)
