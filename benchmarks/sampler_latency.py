@@ -103,7 +103,7 @@ def main(argv=None):
               f"(first call with compile {first:.1f}s)", flush=True)
   load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else []
   out = {"records": records, "jax": jax.__version__, "load_average": load,
-           "resident_malloc": hostmem.resident_malloc_active()}
+         "resident_malloc": hostmem.resident_malloc_active()}
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
   return records

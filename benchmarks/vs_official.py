@@ -391,12 +391,13 @@ class Worker:
       # worker with the default policy, 5.9 s with PASSIVE; torch itself was no slower).
       env.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
     # Host memory as each side's own command runs it: ours restarts with glibc's resident
-    # malloc (twinflow_jax.hostmem), the official scripts do not; `--torch-malloc resident`
-    # gives PyTorch the same setting.
+    # malloc (twinflow_jax.hostmem), the official scripts do not; `--torch-malloc` gives
+    # PyTorch the same settings.
     malloc = args.torch_malloc if kind == "torch" else args.jax_malloc
     if malloc != "default":
       env = hostmem.resident_malloc_env(
-          {**env, hostmem.MODE_ENV: "large" if malloc == "large" else "1"}, linux_glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
+          {**env, hostmem.MODE_ENV: "large" if malloc == "large" else "1"},
+          linux_glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
           accelerator=kind == "jax" and args.device == "cuda") or env
     if kind == "jax" and args.jax_cache:
       # The memory pass compiles the step again: let it come from the cache.

@@ -44,6 +44,11 @@ _ACCELERATOR_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*",
                       "/dev/vfio/[0-9]*")
 
 
+def _tunable_names(environ: Mapping[str, str]) -> set[str]:
+  """The names set in GLIBC_TUNABLES ('a=1:b=2' -> {'a', 'b'})."""
+  return {item.split("=", 1)[0] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item}
+
+
 def _accelerator_present() -> bool:
   return any(glob.glob(pattern) for pattern in _ACCELERATOR_FILES)
 
@@ -78,7 +83,7 @@ def resident_malloc_env(environ: Mapping[str, str], *, linux_glibc: bool,
   elif accelerator:
     return None
   current = environ.get("GLIBC_TUNABLES", "")
-  names = {item.split("=", 1)[0] for item in current.split(":") if item}
+  names = _tunable_names(environ)
   wanted = LARGE_TUNABLES if mode == "large" else TUNABLES
   missing = [f"{name}={value}" for name, value in wanted if name not in names]
   if not missing:
@@ -110,8 +115,7 @@ def reexec_with_resident_malloc() -> None:
 
 def resident_malloc_active(environ: Mapping[str, str] | None = None) -> bool:
   """True when this process (or `environ`) has all of `TUNABLES` in GLIBC_TUNABLES."""
-  environ = os.environ if environ is None else environ
-  names = {item.split("=", 1)[0] for item in environ.get("GLIBC_TUNABLES", "").split(":")}
+  names = _tunable_names(os.environ if environ is None else environ)
   return all(name in names for name, _ in TUNABLES)
 
 
@@ -133,11 +137,11 @@ def large_buffer_hint(temp_bytes: int | None, backend: str,
     buffers, already one arena, or the resident malloc turned off).
   """
   environ = os.environ if environ is None else environ
-  names = {item.split("=", 1)[0] for item in environ.get("GLIBC_TUNABLES", "").split(":")}
   if (backend != "cpu" or not temp_bytes or temp_bytes <= ARENA_HEAP_BYTES
-      or "glibc.malloc.arena_max" in names or not resident_malloc_active(environ)):
+      or "glibc.malloc.arena_max" in _tunable_names(environ)
+      or not resident_malloc_active(environ)):
     return None
   return (f"the train step's {temp_bytes / 2**30:.2f} GiB of XLA temporaries are larger than "
           f"glibc's per-thread heaps and are faulted in again on every step; "
-          f"{MODE_ENV}=large keeps them resident (DiT-S/2 on 2 cores: about 1.2x faster "
-          "forward + backward, docs/performance.md)")
+          f"{MODE_ENV}=large keeps them resident (DiT-S/2 on 2 cores: its step 1.1-1.5x "
+          "faster, docs/performance.md)")
