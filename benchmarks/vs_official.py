@@ -52,7 +52,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -397,7 +396,7 @@ class Worker:
     if malloc != "default":
       env = hostmem.resident_malloc_env(
           {**env, hostmem.MODE_ENV: "large" if malloc == "large" else "1"},
-          linux_glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
+          linux_glibc=hostmem.on_linux_glibc(),
           accelerator=kind == "jax" and args.device == "cuda") or env
     if kind == "jax" and args.jax_cache:
       # The memory pass compiles the step again: let it come from the cache.

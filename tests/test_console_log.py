@@ -2,7 +2,6 @@
 
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -39,9 +38,7 @@ def test_one_console_line_per_logged_step_and_no_backend_probe(tmp_path):
   assert len(backend) == 1, console
   # The command restarted itself with glibc's resident malloc (twinflow_jax/hostmem.py)
   # where that applies (Linux, glibc, no accelerator).
-  restarts = hostmem.resident_malloc_env(
-      env, linux_glibc=platform.libc_ver()[0] == "glibc" and sys.platform == "linux",
-      accelerator=hostmem._accelerator_present()) is not None  # pylint: disable=protected-access
+  restarts = hostmem.restart_env(env) is not None
   assert backend[0].endswith("; host buffers kept resident") == (
       restarts or hostmem.resident_malloc_active()), backend[0]
 

@@ -1,7 +1,6 @@
 """The resident-malloc restart of the command-line entry points (twinflow_jax/hostmem.py)."""
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -49,7 +48,7 @@ def test_leaves_the_process_alone(environ, glibc, accelerator):
   assert _env(environ, glibc, accelerator) is None
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+@pytest.mark.skipif(not hostmem.on_linux_glibc(), reason="a glibc setting")
 def test_restart_keeps_pid_and_arguments():
   code = ("import os, sys; from twinflow_jax import hostmem; "
           "print('start', os.getpid(), sys.argv[1:], flush=True); "

@@ -36,6 +36,7 @@ import sys
 from typing import Mapping
 
 MODE_ENV = "TWINFLOW_RESIDENT_MALLOC"
+_MODES_ON, _MODES_OFF = ("", "1", "on", "large"), ("0", "off", "false", "no")
 TUNABLES = (("glibc.malloc.mmap_max", "0"),
             ("glibc.malloc.trim_threshold", str(2**62)))
 LARGE_TUNABLES = (("glibc.malloc.arena_max", "1"),) + TUNABLES
@@ -51,6 +52,11 @@ def _tunable_names(environ: Mapping[str, str]) -> set[str]:
 
 def _accelerator_present() -> bool:
   return any(glob.glob(pattern) for pattern in _ACCELERATOR_FILES)
+
+
+def on_linux_glibc() -> bool:
+  """This process runs on Linux with glibc, the only allocator `TUNABLES` applies to."""
+  return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 
 
 def resident_malloc_env(environ: Mapping[str, str], *, linux_glibc: bool,
@@ -72,9 +78,9 @@ def resident_malloc_env(environ: Mapping[str, str], *, linux_glibc: bool,
     ValueError: `MODE_ENV` has another value.
   """
   mode = environ.get(MODE_ENV, "").strip().lower()
-  if mode not in ("", "1", "on", "large", "0", "off", "false", "no"):
+  if mode not in _MODES_ON + _MODES_OFF:
     raise ValueError(f"{MODE_ENV}={environ[MODE_ENV]!r}: use 1 (default), large or 0")
-  if not linux_glibc or mode in ("0", "off", "false", "no"):
+  if not linux_glibc or mode in _MODES_OFF:
     return None
   platforms = environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
@@ -93,6 +99,12 @@ def resident_malloc_env(environ: Mapping[str, str], *, linux_glibc: bool,
   return env
 
 
+def restart_env(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+  """`resident_malloc_env` of `environ` (default: this process's) on this host."""
+  return resident_malloc_env(os.environ if environ is None else environ,
+                             linux_glibc=on_linux_glibc(), accelerator=_accelerator_present())
+
+
 def reexec_with_resident_malloc() -> None:
   """Restarts this command with `TUNABLES` where they help (see the module doc).
 
@@ -100,9 +112,7 @@ def reexec_with_resident_malloc() -> None:
   process (same PID), so a job launcher sees nothing.
   """
   try:
-    env = resident_malloc_env(
-        os.environ, linux_glibc=sys.platform == "linux" and platform.libc_ver()[0] == "glibc",
-        accelerator=_accelerator_present())
+    env = restart_env()
   except ValueError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)

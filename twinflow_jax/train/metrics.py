@@ -21,6 +21,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from twinflow_jax import hostmem
+
 
 class _DropLibraryInfo(logging_std.Filter):
   """Drops INFO (and lower) records emitted from inside the given libraries."""
@@ -67,7 +69,6 @@ def quiet_library_logs(packages: tuple[str, ...] = ("orbax",)) -> None:
 def backend_line() -> str:
   """One line naming the JAX backend and devices in use, e.g. 'JAX backend cpu: 8 ...'."""
   import jax  # pylint: disable=g-import-not-at-top
-  from twinflow_jax import hostmem  # pylint: disable=g-import-not-at-top
   kinds = sorted({d.device_kind for d in jax.devices()})
   resident = "; host buffers kept resident" if hostmem.resident_malloc_active() else ""
   return (f"JAX backend {jax.default_backend()}: {jax.device_count()} device(s) "
