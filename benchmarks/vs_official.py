@@ -48,6 +48,7 @@ runs another copy (e.g. an older version) in the same interleaved rounds.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -59,8 +60,20 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from twinflow_jax import hostmem  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _load_hostmem():
+  """This checkout's twinflow_jax/hostmem.py (standard library only), loaded by path:
+  putting ROOT first on sys.path would shadow the copies that --jax-path and
+  --baseline-path put first for the workers."""
+  spec = importlib.util.spec_from_file_location("_vs_official_hostmem",
+                                                ROOT / "twinflow_jax" / "hostmem.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+hostmem = _load_hostmem()
 KINDS = ("fwd", "fm", "step")
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
@@ -293,7 +306,6 @@ class TorchSide:
     run()   # warm-up
 
   def _official_method(self):
-    import importlib.util  # pylint: disable=g-import-not-at-top
     torch = self.torch
     src = pathlib.Path(self.args.official_repo) / "src"
     path = src / "methodes" / "twinflow" / "twinflow.py"

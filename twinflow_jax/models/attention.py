@@ -26,6 +26,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from twinflow_jax.models.backward import after
+
 # fn(q [B,T,N,H], k [B,S,N,H], v [B,S,N,H], key_mask [B,S] bool | None)
 #   -> [B,T,N,H]
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None],
@@ -65,34 +67,45 @@ def _attention_bnth(q, k, v, key_mask, scale):
   return _attention_bnth_fwd(q, k, v, key_mask, scale)[0]
 
 
+def _to_bnth(a):   # [B, T, N, H] <-> [B, N, T, H]
+  return jnp.transpose(a, (0, 2, 1, 3))
+
+
 # On CPU one elementwise pass over the [B, N, T, S] logits costs about as much as the
 # product that makes them (12 ms each at 16 x 6 x 256 x 256 on 2 cores), so work moves to
 # the H-sized arrays where it can: the scale onto q (exact for power-of-two scales such as
 # 1/8 at H = 64), the softmax normaliser onto the output, the logits' gradient scale onto dq.
+# Inputs and output are [B, T, N, H]; the output is saved in that layout, the one the
+# output projection keeps for its own backward, so it is not held twice.
 def _attention_bnth_fwd(q, k, v, key_mask, scale):
   dt = _logits_dtype(q)
-  qs = q * jnp.asarray(scale, q.dtype)
+  qs, k, v = _to_bnth(q * jnp.asarray(scale, q.dtype)), _to_bnth(k), _to_bnth(v)
   logits = _masked_logits(qs, k, key_mask)
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - m)
   s = jnp.sum(e, axis=-1, keepdims=True)
   o = jnp.einsum('bnts,bnsh->bnth', e.astype(v.dtype), v, preferred_element_type=dt)
-  o = (o / s).astype(v.dtype)
+  o = _to_bnth((o / s).astype(v.dtype))                   # [B, T, N, H]
   lse = m + jnp.log(s)                                    # [B, N, T, 1]
   return o, (qs, k, v, key_mask, o, lse)
 
 
 def _attention_bnth_bwd(scale, res, do):
   qs, k, v, key_mask, o, lse = res
+  # Behind `after`, XLA recomputes the probabilities here instead of merging this
+  # product with the forward's and keeping every block's logits alive (backward.py).
+  qs, k, v, o, lse = after(do, (qs, k, v, o, lse))
   dt = _logits_dtype(qs)
+  delta = _to_bnth(jnp.sum(do.astype(dt) * o.astype(dt), axis=-1, keepdims=True))
+  do = _to_bnth(do)
   p = jnp.exp(_masked_logits(qs, k, key_mask) - lse)        # float32 or wider
   dv = jnp.einsum('bnts,bnth->bnsh', p.astype(v.dtype), do, preferred_element_type=dt)
   dp = jnp.einsum('bnth,bnsh->bnts', do, v, preferred_element_type=dt)
-  delta = jnp.sum(do.astype(dt) * o.astype(dt), axis=-1, keepdims=True)
   ds = (p * (dp - delta)).astype(qs.dtype)                 # d loss / d logits
   dq = jnp.einsum('bnts,bnsh->bnth', ds, k, preferred_element_type=dt) * scale
   dk = jnp.einsum('bnts,bnth->bnsh', ds, qs, preferred_element_type=dt)
-  return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  return (_to_bnth(dq.astype(qs.dtype)), _to_bnth(dk.astype(k.dtype)),
+          _to_bnth(dv.astype(v.dtype)), None)
 
 
 _attention_bnth.defvjp(_attention_bnth_fwd, _attention_bnth_bwd)
@@ -100,10 +113,7 @@ _attention_bnth.defvjp(_attention_bnth_fwd, _attention_bnth_bwd)
 
 def _einsum_attention(q, k, v, key_mask):
   """Softmax attention in the [B, N, T, H] layout; see the module doc."""
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  to_bnth = lambda a: jnp.transpose(a, (0, 2, 1, 3))
-  o = _attention_bnth(to_bnth(q), to_bnth(k), to_bnth(v), key_mask, scale)
-  return jnp.transpose(o, (0, 2, 1, 3))
+  return _attention_bnth(q, k, v, key_mask, 1.0 / math.sqrt(q.shape[-1]))
 
 
 def _auto_attention(q, k, v, key_mask):

@@ -16,7 +16,7 @@ from twinflow_jax.models.embeddings import (LabelEmbedder, TIME_CONVENTIONS,
                                             TwinTimeEmbedder, patchify,
                                             sincos_2d_pos_embed, unpatchify)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
-                                        QKVProjection, layer_norm, modulate,
+                                        QKVProjection, modulated_layer_norm,
                                         residual_grad_boundary, zeros)
 from twinflow_jax.models.sharding import constrain
 
@@ -68,11 +68,11 @@ class DiTBlock(nnx.Module):
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     """x [B, T, D], c [B, D] -> [B, T, D]."""
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-    q, k, v = self.qkv(modulate(layer_norm(x), shift1, scale1))
+    q, k, v = self.qkv(modulated_layer_norm(x, shift1, scale1))
     o = dot_product_attention(q, k, v, impl=self.attention)
     x = constrain(x + gate1[:, None] * constrain(self.attn_out(o), TOKENS),
                   TOKENS)
-    x = x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
+    x = x + gate2[:, None] * self.mlp(modulated_layer_norm(x, shift2, scale2))
     return constrain(x, TOKENS)
 
 
@@ -89,7 +89,7 @@ class FinalLayer(nnx.Module):
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     """x [B, T, D], c [B, D] -> [B, T, out_dim]."""
     shift, scale = self.modulation(c)
-    return self.linear(modulate(layer_norm(x), shift, scale))
+    return self.linear(modulated_layer_norm(x, shift, scale))
 
 
 class DiT(nnx.Module):

@@ -26,8 +26,8 @@ from twinflow_jax.models.attention import dot_product_attention
 from twinflow_jax.models.embeddings import (copy_params, timestep_embedding,
                                             timestep_frequencies)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
-                                        RMSNorm, check_text_cond, layer_norm,
-                                        modulate, normal_002)
+                                        RMSNorm, check_text_cond,
+                                        modulated_layer_norm, normal_002)
 from twinflow_jax.models.rope import apply_rope, rope_tables
 from twinflow_jax.models.sharding import constrain
 
@@ -212,14 +212,14 @@ def dual_stream_block(img: jax.Array, txt: jax.Array, c: jax.Array, rope,
   i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod(c)
   t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod(c)
   attn_img, attn_txt = attn(
-      modulate(layer_norm(img, NORM_EPS), i_shift1, i_scale1),
-      modulate(layer_norm(txt, NORM_EPS), t_shift1, t_scale1), rope, key_mask)
+      modulated_layer_norm(img, i_shift1, i_scale1, NORM_EPS),
+      modulated_layer_norm(txt, t_shift1, t_scale1, NORM_EPS), rope, key_mask)
   img = constrain(img + i_gate1[:, None] * attn_img, TOKENS)
   img = img + i_gate2[:, None] * img_ff(
-      modulate(layer_norm(img, NORM_EPS), i_shift2, i_scale2))
+      modulated_layer_norm(img, i_shift2, i_scale2, NORM_EPS))
   txt = constrain(txt + t_gate1[:, None] * attn_txt, TOKENS)
   txt = txt + t_gate2[:, None] * txt_ff(
-      modulate(layer_norm(txt, NORM_EPS), t_shift2, t_scale2))
+      modulated_layer_norm(txt, t_shift2, t_scale2, NORM_EPS))
   return constrain(img, TOKENS), constrain(txt, TOKENS)
 
 
@@ -302,7 +302,7 @@ def output_layer(x: jax.Array, c: jax.Array, norm_out: Modulation,
                  proj_out: Dense) -> jax.Array:
   """diffusers AdaLayerNormContinuous (chunks (scale, shift)) + proj_out."""
   scale, shift = norm_out(c)
-  return proj_out(modulate(layer_norm(x, NORM_EPS), shift, scale))
+  return proj_out(modulated_layer_norm(x, shift, scale, NORM_EPS))
 
 
 def run_blocks(blocks, policy, carry: tuple, *args) -> tuple:

@@ -58,7 +58,7 @@ from twinflow_jax.models.dual_stream import (NORM_EPS, TOKENS, VEC,
                                              joint_rope, make_r_embedder,
                                              output_layer, run_blocks,
                                              twin_time)
-from twinflow_jax.models.layers import Dense, Modulation, layer_norm, modulate
+from twinflow_jax.models.layers import Dense, Modulation, modulated_layer_norm
 from twinflow_jax.models.rope import flux_ids, pack_latents, unpack_latents
 from twinflow_jax.models.sharding import constrain
 
@@ -156,7 +156,7 @@ class FluxSingleTransformerBlock(nnx.Module):
   def __call__(self, x, c, rope, key_mask):
     """x [B, T, D], c [B, D] -> ([B, T, D],)."""
     shift, scale, gate = self.norm(c)
-    h = modulate(layer_norm(x, NORM_EPS), shift, scale)
+    h = modulated_layer_norm(x, shift, scale, NORM_EPS)
     mlp = jax.nn.gelu(self.proj_mlp(h), approximate=True)
     mlp = constrain(mlp, ('activation_batch', 'activation_length',
                           'activation_mlp'))

@@ -5,6 +5,7 @@ compute runs in `dtype` while parameters are stored in `param_dtype`.
 Normalisation statistics are always taken in float32.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from twinflow_jax.models.backward import after
 from twinflow_jax.models.sharding import constrain
 
 Initializer = jax.nn.initializers.Initializer
@@ -96,13 +98,9 @@ def _grad_boundary_fwd(x):
 
 
 def _grad_boundary_bwd(_, g):
-  # A conditional is a fusion boundary (an optimization_barrier is expanded before
-  # fusion and changes nothing). Its branches must differ or XLA removes it: a NaN
-  # gradient element makes the whole gradient NaN (non-finite either way, so the step
-  # skips it as before); otherwise g passes unchanged. On a multi-device CPU mesh the
+  # A conditional is a fusion boundary (backward.py); on a multi-device CPU mesh its
   # predicate is one scalar taken from the first shard (no activation moves).
-  return (jax.lax.cond(jnp.isnan(g.reshape(-1)[0]), lambda a: jnp.full_like(a, jnp.nan),
-                       lambda a: a, g),)
+  return (after(g, g),)
 
 
 _grad_boundary.defvjp(_grad_boundary_fwd, _grad_boundary_bwd)
@@ -129,17 +127,110 @@ def residual_grad_boundary(x: jax.Array) -> jax.Array:
   return _grad_boundary(x)
 
 
-def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm over the last axis without affine parameters (float32 stats)."""
-  x32 = x.astype(jnp.float32)
+def _ln_stats(x32: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+# The backward of LayerNorm (and of adaLN's modulation after it) is written out so that
+# it keeps the normalised input and the [..., 1] inverse deviation, not the three [..., D]
+# intermediates autodiff of the formula saves; `after` keeps XLA:CPU from re-deriving the
+# normalised input from them anyway (backward.py). Float32 and wider inputs keep the
+# output itself (exactly the normalised input); narrower ones keep the input and both
+# statistics, from which the backward recomputes it exactly as the forward did.
+def _ln_forward(x, eps):
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean, rstd = _ln_stats(x32, eps)
+  y = ((x32 - mean) * rstd).astype(x.dtype)
+  saved = (y, None, rstd) if y.dtype == x32.dtype else (x, mean, rstd)
+  return y, saved
+
+
+def _ln_backward(saved, dy):
+  """d/dx of (x - mean(x)) * rsqrt(mean((x - mean(x))^2) + eps) given d/dy."""
+  kept, mean, rstd = saved
+  xhat = kept if mean is None else (kept.astype(rstd.dtype) - mean) * rstd
+  dy = dy.astype(rstd.dtype)
+  dx = rstd * (dy - jnp.mean(dy, axis=-1, keepdims=True)
+               - xhat * jnp.mean(dy * xhat, axis=-1, keepdims=True))
+  return dx.astype(kept.dtype), xhat
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm over the last axis without affine parameters (float32 stats).
+
+  Same forward as the formula; the backward keeps the normalised input and the
+  inverse deviation (see above), the gradient matches autodiff's to float rounding.
+
+  Args:
+    x: [..., D].
+    eps: added to the variance.
+
+  Returns:
+    (x - mean) / sqrt(var + eps), [..., D] in x's dtype.
+  """
+  return _ln_forward(x, eps)[0]
+
+
+def _layer_norm_fwd(x, eps):
+  return _ln_forward(x, eps)
+
+
+def _layer_norm_bwd(eps, saved, dy):
+  del eps
+  return (_ln_backward(after(dy, saved), dy)[0],)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   """adaLN modulation: x [B, T, D] * (1 + scale [B, D]) + shift [B, D]."""
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def modulated_layer_norm(x: jax.Array, shift: jax.Array, scale: jax.Array,
+                         eps: float = 1e-6) -> jax.Array:
+  """`modulate(layer_norm(x, eps), shift, scale)` with one backward for both.
+
+  The same forward, bit for bit; the backward keeps the normalised input (which
+  the scale's gradient needs as well) and the inverse deviation: a DiT block keeps
+  4 fewer arrays of the residual stream's size for its backward.
+
+  Args:
+    x: [B, T, D].
+    shift: [B, D].
+    scale: [B, D].
+    eps: LayerNorm's epsilon.
+
+  Returns:
+    [B, T, D] in the dtype modulate gives.
+  """
+  return _modulated_layer_norm_fwd(x, shift, scale, eps)[0]
+
+
+def _modulated_layer_norm_fwd(x, shift, scale, eps):
+  y, saved = _ln_forward(x, eps)
+  return modulate(y, shift, scale), (saved, shift, scale)
+
+
+def _modulated_layer_norm_bwd(eps, res, g):
+  del eps
+  saved, shift, scale = after(g, res)
+  y_dtype = saved[0].dtype                          # x's dtype, which y has too
+  g32 = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+  dy = g32 * (1 + scale[:, None, :].astype(g32.dtype))
+  dx, xhat = _ln_backward(saved, dy.astype(y_dtype))
+  y = xhat.astype(y_dtype).astype(g32.dtype)       # the forward's y, as modulate saw it
+  dscale = jnp.sum(g32 * y, axis=1).astype(scale.dtype)
+  dshift = jnp.sum(g32, axis=1).astype(shift.dtype)
+  return dx, dshift, dscale
+
+
+modulated_layer_norm.defvjp(_modulated_layer_norm_fwd, _modulated_layer_norm_bwd)
 
 
 class RMSNorm(nnx.Module):

@@ -23,8 +23,8 @@ from twinflow_jax.models.embeddings import (TIME_CONVENTIONS,
                                             TwinTimeEmbedder, patchify,
                                             sincos_2d_pos_embed, unpatchify)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
-                                        QKVProjection, check_text_cond, layer_norm,
-                                        modulate)
+                                        QKVProjection, check_text_cond,
+                                        modulated_layer_norm)
 from twinflow_jax.models.sharding import constrain
 
 
@@ -59,8 +59,8 @@ class MMDiTBlock(nnx.Module):
     i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = (
         self.img_modulation(c))
     t_mod = self.txt_modulation(c)
-    qi, ki, vi = self.img_qkv(modulate(layer_norm(img), i_shift1, i_scale1))
-    qt, kt, vt = self.txt_qkv(modulate(layer_norm(txt), t_mod[0], t_mod[1]))
+    qi, ki, vi = self.img_qkv(modulated_layer_norm(img, i_shift1, i_scale1))
+    qt, kt, vt = self.txt_qkv(modulated_layer_norm(txt, t_mod[0], t_mod[1]))
     k = jnp.concatenate([ki, kt], axis=1)
     v = jnp.concatenate([vi, vt], axis=1)
     # Text queries are only needed when text tokens are updated.
@@ -69,7 +69,7 @@ class MMDiTBlock(nnx.Module):
     attn_img = constrain(self.img_attn_out(o[:, :ti]), TOKENS)
     img = constrain(img + i_gate1[:, None] * attn_img, TOKENS)
     img = img + i_gate2[:, None] * self.img_mlp(
-        modulate(layer_norm(img), i_shift2, i_scale2))
+        modulated_layer_norm(img, i_shift2, i_scale2))
     img = constrain(img, TOKENS)
     if self.context_pre_only:
       return img, txt
@@ -77,7 +77,7 @@ class MMDiTBlock(nnx.Module):
     attn_txt = constrain(self.txt_attn_out(o[:, ti:]), TOKENS)
     txt = txt + t_gate1[:, None] * attn_txt
     txt = txt + t_gate2[:, None] * self.txt_mlp(
-        modulate(layer_norm(txt), t_shift2, t_scale2))
+        modulated_layer_norm(txt, t_shift2, t_scale2))
     return img, constrain(txt, TOKENS)
 
 

@@ -46,7 +46,8 @@ from twinflow_jax.models.configs import (DTYPES, REMAT_POLICIES, RuntimeOptionsM
 from twinflow_jax.models.diffusers_configs import read_config_json
 from twinflow_jax.models.embeddings import patchify, timestep_embedding, unpatchify
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation, RMSNorm,
-                                        layer_norm, modulate, normal_002, zeros)
+                                        layer_norm, modulate, modulated_layer_norm,
+                                        normal_002, zeros)
 from twinflow_jax.models.sharding import constrain
 
 TOKENS = ('activation_batch', 'activation_length', 'activation_embed')
@@ -365,13 +366,13 @@ class JointTransformerBlock(nnx.Module):
       shift_msa2, scale_msa2, gate_msa2 = mod[6:]
       attn2 = self.attn2.self_attention(modulate(img_ln, shift_msa2, scale_msa2))
       img = constrain(img + gate_msa2[:, None] * attn2, TOKENS)
-    img = img + gate_mlp[:, None] * self.ff(modulate(layer_norm(img), shift_mlp, scale_mlp))
+    img = img + gate_mlp[:, None] * self.ff(modulated_layer_norm(img, shift_mlp, scale_mlp))
     img = constrain(img, TOKENS)
     if self.context_pre_only:
       return img, txt
     txt = txt + c_gate_msa[:, None] * attn_txt
     txt = txt + c_gate_mlp[:, None] * self.ff_context(
-        modulate(layer_norm(txt), c_shift_mlp, c_scale_mlp))
+        modulated_layer_norm(txt, c_shift_mlp, c_scale_mlp))
     return img, constrain(txt, TOKENS)
 
 
@@ -464,7 +465,7 @@ class SD3Transformer(nnx.Module):
     for block in self.transformer_blocks:
       img, txt = call(block, img, txt, temb)
     scale, shift = self.norm_out(temb)
-    out = self.proj_out(modulate(layer_norm(img), shift, scale))
+    out = self.proj_out(modulated_layer_norm(img, shift, scale))
     return unpatchify(out, gh, gw, p, cfg.out_dim).astype(jnp.float32)
 
 
