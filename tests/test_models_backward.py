@@ -75,3 +75,37 @@ def test_dit_backward_keeps_no_attention_probabilities():
   unit = b * t * d * 4
   assert per_block <= 24 * unit, per_block / unit
   assert b * heads * t * t * 4 == 16 * unit   # so the probabilities alone would exceed it
+
+
+def test_bfloat16_products_have_float32_results_on_cpu():
+  # XLA:CPU runs bfloat16 products on bfloat16 dot instructions only when their result is
+  # float32: the bfloat16 DiT's forward and backward ask for that in every product.
+  cfg = dict(name="DiT-S/2", depth=1, hidden_size=32, num_heads=2, input_size=8,
+             in_channels=3, num_classes=5, dtype="bfloat16")
+  graphdef, params, rest = models.split_model(models.create_model(cfg, rngs=nnx.Rngs(0)))
+  apply_fn = models.as_apply_fn(graphdef, rest)
+  x, t, y = jnp.ones((2, 8, 8, 3)), jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32)
+  loss = lambda p: jnp.sum(apply_fn(p, x, t, t, y).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss)).lower(params).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) > 20
+  assert not [d for d in dots if d.rstrip().endswith("bf16>")], dots
+
+
+@pytest.mark.parametrize("x_shape,k_shape,n_in", [((2, 5, 8), (8, 12), 1),
+                                                  ((2, 5, 3, 4), (3, 4, 6), 2),
+                                                  ((2, 5, 8), (8, 3, 2, 4), 1)])
+def test_bfloat16_dense_same_values_as_tensordot(x_shape, k_shape, n_in):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal(k_shape), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal(x_shape[:len(x_shape) - n_in] + k_shape[n_in:]), jnp.float32)
+  ours = lambda x, k: layers._bf16_dense(x, k, n_in)  # pylint: disable=protected-access
+  ref = lambda x, k: jnp.tensordot(x, k, axes=n_in)
+  np.testing.assert_array_equal(ours(x, kernel), ref(x, kernel))
+  loss = lambda f: lambda x, k: jnp.sum(f(x, k).astype(jnp.float32) * w)
+  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel),
+                  jax.grad(loss(ref), argnums=(0, 1))(x, kernel)):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    b = np.asarray(b, np.float32)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=1e-2 * np.abs(b).max())

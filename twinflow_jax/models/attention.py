@@ -12,7 +12,8 @@ Implementations:
             softmax, and a backward that keeps only q, k, v, the output and
             the log-sum-exp of each query row and recomputes the probabilities
             (like flash attention): the [B, N, T, S] logits and probabilities
-            are never saved for the backward pass.
+            are never saved for the backward pass (on CPU `backward.after`
+            keeps XLA from merging the recomputation with the forward's).
   'auto'    'einsum' on CPU, `jax.nn.dot_product_attention` with its own
             choice elsewhere (cuDNN where it applies on GPUs, XLA on TPUs).
 All of them compute the same function; 'einsum' matches 'xla' to float32

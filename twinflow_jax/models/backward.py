@@ -5,9 +5,11 @@ memory: its common-subexpression pass merges a backward recomputation with the
 forward's identical computation (so the forward's result stays alive instead), its
 fusion pass copies cheap elementwise producers into each consumer (so their inputs
 stay alive as well as the saved result), and its scheduler may compute the
-backward's recomputations during the forward. `after` stops all three on CPU. At
-DiT-S/2 with 16 rows it cuts XLA's temporary memory of a forward + backward from
-2125 to 1686 MiB (attention) and further with the normalisation (layers.py).
+backward's recomputations during the forward. `after` stops all three on CPU. Used
+by the attention's and the normalisations' backwards (attention.py, layers.py): at
+DiT-S/2 with 16 rows XLA's temporaries of a forward + backward went from 2125 to
+1393 MiB, those of the TwinFlow train step from 2335 to 1591 MiB
+(docs/performance.md, "Backward memory").
 """
 
 import jax
