@@ -95,17 +95,28 @@ def test_bfloat16_products_have_float32_results_on_cpu():
 @pytest.mark.parametrize("x_shape,k_shape,n_in", [((2, 5, 8), (8, 12), 1),
                                                   ((2, 5, 3, 4), (3, 4, 6), 2),
                                                   ((2, 5, 8), (8, 3, 2, 4), 1)])
-def test_bfloat16_dense_same_values_as_tensordot(x_shape, k_shape, n_in):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bfloat16_dense_same_values_as_tensordot(x_shape, k_shape, n_in, with_bias):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
   kernel = jnp.asarray(rng.standard_normal(k_shape), jnp.bfloat16)
-  w = jnp.asarray(rng.standard_normal(x_shape[:len(x_shape) - n_in] + k_shape[n_in:]), jnp.float32)
-  ours = lambda x, k: layers._bf16_dense(x, k, n_in)  # pylint: disable=protected-access
-  ref = lambda x, k: jnp.tensordot(x, k, axes=n_in)
-  np.testing.assert_array_equal(ours(x, kernel), ref(x, kernel))
-  loss = lambda f: lambda x, k: jnp.sum(f(x, k).astype(jnp.float32) * w)
-  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel),
-                  jax.grad(loss(ref), argnums=(0, 1))(x, kernel)):
-    assert a.dtype == b.dtype == jnp.bfloat16
-    b = np.asarray(b, np.float32)
-    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=1e-2 * np.abs(b).max())
+  bias = jnp.asarray(rng.standard_normal(k_shape[n_in:]), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(x_shape[:len(x_shape) - n_in] + k_shape[n_in:]),
+                  jnp.float32)
+  if with_bias:   # ours rounds once after adding the bias, the formula twice
+    ours = lambda x, k, b: layers._bf16_dense(x, k, b, n_in)  # pylint: disable=protected-access
+    ref = lambda x, k, b: jnp.tensordot(x, k, axes=n_in) + b.astype(jnp.bfloat16)
+  else:
+    ours = lambda x, k, b: layers._bf16_dense(x, k, None, n_in)  # pylint: disable=protected-access
+    ref = lambda x, k, b: jnp.tensordot(x, k, axes=n_in)
+    np.testing.assert_array_equal(ours(x, kernel, bias), ref(x, kernel, bias))
+  tol = lambda b: 1e-2 * float(np.abs(np.asarray(b, np.float32)).max())
+  np.testing.assert_allclose(np.asarray(ours(x, kernel, bias), np.float32),
+                             np.asarray(ref(x, kernel, bias), np.float32),
+                             atol=tol(ref(x, kernel, bias)))
+  loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w)
+  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(x, kernel, bias),
+                  jax.grad(loss(ref), argnums=(0, 1, 2))(x, kernel, bias)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=tol(b))
