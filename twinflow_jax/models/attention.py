@@ -76,8 +76,7 @@ def _to_bnth(a):   # [B, T, N, H] <-> [B, N, T, H]
 # product that makes them (12 ms each at 16 x 6 x 256 x 256 on 2 cores), so work moves to
 # the H-sized arrays where it can: the scale onto q (exact for power-of-two scales such as
 # 1/8 at H = 64), the softmax normaliser onto the output, the logits' gradient scale onto dq.
-# Inputs and output are [B, T, N, H]; the output is saved in that layout, the one the
-# output projection keeps for its own backward, so it is not held twice.
+# Inputs, output and gradients are [B, T, N, H]; the products run in [B, N, T, H].
 def _attention_bnth_fwd(q, k, v, key_mask, scale):
   dt = _logits_dtype(q)
   qs, k, v = _to_bnth(q * jnp.asarray(scale, q.dtype)), _to_bnth(k), _to_bnth(v)
