@@ -17,7 +17,8 @@ per call on 2 cores. glibc's tunables keep the memory in the process instead:
 
 Memory is held until exit rather than handed back between steps, and the heap can
 fragment: the default MNIST job peaked at 1.73 GB resident against 1.43 GB without the
-tunables; DiT-S/2's step at the same 3.56 GB either way.
+tunables; DiT-S/2's step at the same resident peak either way (3.56 GB, measured before the
+hand-written backwards of models/backward.py lowered it to 2.80 GB).
 
 glibc reads GLIBC_TUNABLES once, when the process starts, so the command-line entry
 points (`twinflow_jax.main`, `twinflow_jax.sample`, the benchmarks) call

@@ -217,16 +217,12 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return _ln_forward(x, eps)[0]
 
 
-def _layer_norm_fwd(x, eps):
-  return _ln_forward(x, eps)
-
-
 def _layer_norm_bwd(eps, saved, dy):
   del eps
   return (_ln_backward(after(dy, saved), dy)[0],)
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+layer_norm.defvjp(_ln_forward, _layer_norm_bwd)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
