@@ -1,5 +1,7 @@
 """Hand-written backward passes: same gradients, and XLA:CPU keeps only what they save."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import nnx
 
 from twinflow_jax import models
+from twinflow_jax.models import attention
 from twinflow_jax.models import backward
 from twinflow_jax.models import layers
 
@@ -90,6 +93,85 @@ def test_bfloat16_products_have_float32_results_on_cpu():
   dots = [line for line in text.splitlines() if "dot_general" in line]
   assert len(dots) > 20
   assert not [d for d in dots if d.rstrip().endswith("bf16>")], dots
+
+
+def test_gated_matches_autodiff_and_sums_the_gate_gradient_in_float32():
+  rng = np.random.default_rng(4)
+  gate, y, w = (rng.standard_normal(s) for s in ((2, 16), (2, 300, 16), (2, 300, 16)))
+  loss = lambda f: lambda g, y: jnp.sum((f(g, y) * w).astype(jnp.float32))
+  formula = lambda g, y: g[:, None, :] * y
+  g32, y32 = jnp.asarray(gate, jnp.float32), jnp.asarray(y, jnp.float32)
+  np.testing.assert_array_equal(layers.gated(g32, y32), formula(g32, y32))
+  for a, b in zip(jax.jit(jax.grad(loss(layers.gated), argnums=(0, 1)))(g32, y32),
+                  jax.jit(jax.grad(loss(formula), argnums=(0, 1)))(g32, y32)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # bfloat16: the gate's gradient is a float32 sum over the 300 tokens, rounded once
+  gb, yb = jnp.asarray(gate, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)
+  grad = jax.jit(jax.grad(loss(layers.gated), argnums=(0, 1)))
+  dgate, dy = grad(gb, yb)
+  assert dgate.dtype == dy.dtype == jnp.bfloat16
+  exact = np.sum(w.astype(np.float32).astype(jnp.bfloat16).astype(np.float64)
+                 * np.asarray(yb, np.float64), axis=1)
+  np.testing.assert_allclose(np.asarray(dgate, np.float64), exact, rtol=8e-3, atol=1e-2)
+  if jax.default_backend() == "cpu":   # no rounding-after-every-addition reduction
+    assert "reduce-window" not in grad.lower(gb, yb).compile().as_text()
+
+
+def _compiled_dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
+  """Element type and shape of each product's operands in compiled HLO text."""
+  types, out = {}, []
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+\[[\d,]*\])", line)
+    if m:
+      types[m.group(1)] = m.group(2)
+    if " dot(" in line:
+      names = re.search(r" dot\(([^)]*)\)", line).group(1).split(",")
+      out.append(tuple(types[n.strip().lstrip("%")] for n in names))
+  return out
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's product kernels")
+def test_bfloat16_attention_products_stay_bfloat16_after_xla_cpu():
+  # XLA:CPU folds an explicit transpose of an operand into the product and then runs
+  # the product in float32 after converting both operands: the bfloat16 DiT's attention
+  # backward ran all five of its products so. Every attention product of the compiled
+  # forward + backward must read bfloat16 operands.
+  cfg = dict(name="DiT-S/2", depth=1, hidden_size=32, num_heads=2, input_size=8,
+             in_channels=3, num_classes=5, dtype="bfloat16", attention="einsum")
+  graphdef, params, rest = models.split_model(models.create_model(cfg, rngs=nnx.Rngs(0)))
+  apply_fn = models.as_apply_fn(graphdef, rest)
+  x, t, y = jnp.ones((2, 8, 8, 3)), jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32)
+  loss = lambda p: jnp.sum(apply_fn(p, x, t, t, y).astype(jnp.float32))
+  dots = _compiled_dot_operand_types(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
+  attention = [d for d in dots if all(s.count(",") == 3 for s in d)]   # [B, N, ., .]
+  assert len(attention) == 7, dots   # forward 2, backward 5
+  assert all(s.startswith("bf16[") for d in attention for s in d), attention
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bfloat16_attention_gradient_matches_float32_formula(masked):
+  rng = np.random.default_rng(3)
+  q, k, v, w = (jnp.asarray(rng.standard_normal((2, 24, 3, 16)), jnp.bfloat16)
+                for _ in range(4))
+  mask = jnp.asarray(rng.random((2, 24)) > 0.3) if masked else None
+
+  def formula(q, k, v):   # float32 softmax attention on the same bfloat16 inputs
+    q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) / 4.0
+    if mask is not None:
+      logits = jnp.where(mask[:, None, None, :], logits, -1e30)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, -1), v)
+
+  ours = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, impl="einsum")
+  loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(ours(q, k, v), np.float32), formula(q, k, v),
+                             atol=2e-2, rtol=2e-2)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(formula), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    assert a.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(a, np.float32) - b).max() / np.abs(b).max()
+    assert err < 2e-2, err
 
 
 @pytest.mark.parametrize("x_shape,k_shape,n_in", [((2, 5, 8), (8, 12), 1),

@@ -50,17 +50,18 @@ def _logits_dtype(q):
   return jnp.promote_types(q.dtype, jnp.float32)
 
 
-def _masked_logits(qs, k, key_mask):
-  """[B, N, T, H] (queries already scaled) x [B, N, S, H] -> logits [B, N, T, S].
+def _apply_key_mask(logits, key_mask, key_axis):
+  """Masked keys' logits set to a large negative value (as jax.nn's masking value)."""
+  if key_mask is None:
+    return logits
+  shape = [key_mask.shape[0], 1, 1, 1]
+  shape[key_axis] = key_mask.shape[1]
+  return jnp.where(key_mask.reshape(shape), logits, jnp.finfo(logits.dtype).min * 0.7)
 
-  The logits are float32 or wider.
-  """
-  dt = _logits_dtype(qs)
-  logits = jnp.einsum('bnth,bnsh->bnts', qs, k, preferred_element_type=dt)
-  if key_mask is not None:
-    big_neg = jnp.finfo(dt).min * 0.7   # as jax.nn's masking value
-    logits = jnp.where(key_mask[:, None, None, :], logits, big_neg)
-  return logits
+
+def _narrow_on_cpu(x):
+  """bfloat16 (or narrower) inputs on CPU, where the products are laid out differently."""
+  return x.dtype != _logits_dtype(x) and jax.default_backend() == 'cpu'
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -77,35 +78,80 @@ def _to_bnth(a):   # [B, T, N, H] <-> [B, N, T, H]
 # the H-sized arrays where it can: the scale onto q (exact for power-of-two scales such as
 # 1/8 at H = 64), the softmax normaliser onto the output, the logits' gradient scale onto dq.
 # Inputs, output and gradients are [B, T, N, H]; the products run in [B, N, T, H].
+#
+# bfloat16 on CPU: XLA:CPU runs a narrow product on the CPU's bfloat16 instructions
+# (twice the float32 rate here) only in its canonical form, batch dimensions first and
+# the left operand contracting its last axis, with operands it has materialised itself.
+# It folds an explicit transpose of an operand into the product's dimension numbers,
+# and a product it cannot run narrow it runs in float32 after converting the operands
+# (DiT-S/2's bfloat16 backward ran all five attention products so). So the forward
+# multiplies straight from [B, T, N, H] (XLA makes its own transposed copies), and the
+# backward reads its [B, N, T, H] operands through `after` (copies XLA cannot fold back)
+# and computes the probabilities transposed, [B, N, S, T], so that every product has
+# the canonical form.
 def _attention_bnth_fwd(q, k, v, key_mask, scale):
   dt = _logits_dtype(q)
-  qs, k, v = _to_bnth(q * jnp.asarray(scale, q.dtype)), _to_bnth(k), _to_bnth(v)
-  logits = _masked_logits(qs, k, key_mask)
+  qs = q * jnp.asarray(scale, q.dtype)
+  narrow = _narrow_on_cpu(q)
+  if narrow:
+    logits = jnp.einsum('btnh,bsnh->bnts', qs, k, preferred_element_type=dt)
+  else:
+    qs, k, v = _to_bnth(qs), _to_bnth(k), _to_bnth(v)
+    logits = jnp.einsum('bnth,bnsh->bnts', qs, k, preferred_element_type=dt)
+  logits = _apply_key_mask(logits, key_mask, 3)
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - m)
   s = jnp.sum(e, axis=-1, keepdims=True)
-  o = jnp.einsum('bnts,bnsh->bnth', e.astype(v.dtype), v, preferred_element_type=dt)
-  o = _to_bnth((o / s).astype(v.dtype))                   # [B, T, N, H]
+  if narrow:
+    o = jnp.einsum('bnts,bsnh->btnh', e.astype(v.dtype), v, preferred_element_type=dt)
+    o = (o / _to_bnth(s)).astype(v.dtype)
+  else:
+    o = jnp.einsum('bnts,bnsh->bnth', e.astype(v.dtype), v, preferred_element_type=dt)
+    o = _to_bnth((o / s).astype(v.dtype))                 # [B, T, N, H]
   lse = m + jnp.log(s)                                    # [B, N, T, 1]
-  return o, (qs, k, v, key_mask, o, lse)
+  return o, (qs, k, v, key_mask, o, lse)   # qs, k, v: [B, T, N, H] if narrow
 
 
 def _attention_bnth_bwd(scale, res, do):
   qs, k, v, key_mask, o, lse = res
+  dt = _logits_dtype(do)
   # Behind `after`, XLA recomputes the probabilities here instead of merging this
   # product with the forward's and keeping every block's logits alive (backward.py).
-  qs, k, v, o, lse = after(do, (qs, k, v, o, lse))
-  dt = _logits_dtype(qs)
+  narrow = _narrow_on_cpu(do)
+  if narrow:
+    qs, k, v, do_t, o, lse = after(
+        do, (_to_bnth(qs), _to_bnth(k), _to_bnth(v), _to_bnth(do), o, lse))
+  else:
+    qs, k, v, o, lse = after(do, (qs, k, v, o, lse))
+    do_t = _to_bnth(do)
   delta = _to_bnth(jnp.sum(do.astype(dt) * o.astype(dt), axis=-1, keepdims=True))
-  do = _to_bnth(do)
-  p = jnp.exp(_masked_logits(qs, k, key_mask) - lse)        # float32 or wider
-  dv = jnp.einsum('bnts,bnth->bnsh', p.astype(v.dtype), do, preferred_element_type=dt)
-  dp = jnp.einsum('bnth,bnsh->bnts', do, v, preferred_element_type=dt)
-  ds = (p * (dp - delta)).astype(qs.dtype)                 # d loss / d logits
-  dq = jnp.einsum('bnts,bnsh->bnth', ds, k, preferred_element_type=dt) * scale
-  dk = jnp.einsum('bnts,bnth->bnsh', ds, qs, preferred_element_type=dt)
-  return (_to_bnth(dq.astype(qs.dtype)), _to_bnth(dk.astype(k.dtype)),
+  do = do_t
+  if narrow:
+    dq, dk, dv = _narrow_cpu_backward(qs, k, v, do, key_mask, lse, delta)
+  else:
+    p = jnp.exp(_apply_key_mask(
+        jnp.einsum('bnth,bnsh->bnts', qs, k, preferred_element_type=dt), key_mask, 3) - lse)
+    dv = jnp.einsum('bnts,bnth->bnsh', p.astype(v.dtype), do, preferred_element_type=dt)
+    dp = jnp.einsum('bnth,bnsh->bnts', do, v, preferred_element_type=dt)
+    ds = (p * (dp - delta)).astype(qs.dtype)               # d loss / d logits
+    dq = jnp.einsum('bnts,bnsh->bnth', ds, k, preferred_element_type=dt)
+    dk = jnp.einsum('bnts,bnth->bnsh', ds, qs, preferred_element_type=dt)
+  return (_to_bnth((dq * scale).astype(qs.dtype)), _to_bnth(dk.astype(k.dtype)),
           _to_bnth(dv.astype(v.dtype)), None)
+
+
+def _narrow_cpu_backward(qs, k, v, do, key_mask, lse, delta):
+  """The backward's products in canonical form (see above); all in [B, N, ., .]."""
+  dt = _logits_dtype(qs)
+  logits_t = jnp.einsum('bnsh,bnth->bnst', k, qs, preferred_element_type=dt)
+  p_t = jnp.exp(_apply_key_mask(logits_t, key_mask, 2) - jnp.swapaxes(lse, 2, 3))
+  dv = jnp.einsum('bnst,bnth->bnsh', p_t.astype(v.dtype), do, preferred_element_type=dt)
+  dp_t = jnp.einsum('bnsh,bnth->bnst', v, do, preferred_element_type=dt)
+  ds_t = (p_t * (dp_t - jnp.swapaxes(delta, 2, 3))).astype(qs.dtype)
+  dk = jnp.einsum('bnst,bnth->bnsh', ds_t, qs, preferred_element_type=dt)
+  ds = after(dk, jnp.swapaxes(ds_t, 2, 3))                     # [B, N, T, S]
+  dq = jnp.einsum('bnts,bnsh->bnth', ds, k, preferred_element_type=dt)
+  return dq, dk, dv
 
 
 _attention_bnth.defvjp(_attention_bnth_fwd, _attention_bnth_bwd)

@@ -16,7 +16,7 @@ from twinflow_jax.models.embeddings import (LabelEmbedder, TIME_CONVENTIONS,
                                             TwinTimeEmbedder, patchify,
                                             sincos_2d_pos_embed, unpatchify)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
-                                        QKVProjection, modulated_layer_norm,
+                                        QKVProjection, gated, modulated_layer_norm,
                                         residual_grad_boundary, zeros)
 from twinflow_jax.models.sharding import constrain
 
@@ -70,9 +70,9 @@ class DiTBlock(nnx.Module):
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
     q, k, v = self.qkv(modulated_layer_norm(x, shift1, scale1))
     o = dot_product_attention(q, k, v, impl=self.attention)
-    x = constrain(x + gate1[:, None] * constrain(self.attn_out(o), TOKENS),
+    x = constrain(x + gated(gate1, constrain(self.attn_out(o), TOKENS)),
                   TOKENS)
-    x = x + gate2[:, None] * self.mlp(modulated_layer_norm(x, shift2, scale2))
+    x = x + gated(gate2, self.mlp(modulated_layer_norm(x, shift2, scale2)))
     return constrain(x, TOKENS)
 
 

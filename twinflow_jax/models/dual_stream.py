@@ -26,7 +26,7 @@ from twinflow_jax.models.attention import dot_product_attention
 from twinflow_jax.models.embeddings import (copy_params, timestep_embedding,
                                             timestep_frequencies)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
-                                        RMSNorm, check_text_cond,
+                                        RMSNorm, check_text_cond, gated,
                                         modulated_layer_norm, normal_002)
 from twinflow_jax.models.rope import apply_rope, rope_tables
 from twinflow_jax.models.sharding import constrain
@@ -214,12 +214,12 @@ def dual_stream_block(img: jax.Array, txt: jax.Array, c: jax.Array, rope,
   attn_img, attn_txt = attn(
       modulated_layer_norm(img, i_shift1, i_scale1, NORM_EPS),
       modulated_layer_norm(txt, t_shift1, t_scale1, NORM_EPS), rope, key_mask)
-  img = constrain(img + i_gate1[:, None] * attn_img, TOKENS)
-  img = img + i_gate2[:, None] * img_ff(
-      modulated_layer_norm(img, i_shift2, i_scale2, NORM_EPS))
-  txt = constrain(txt + t_gate1[:, None] * attn_txt, TOKENS)
-  txt = txt + t_gate2[:, None] * txt_ff(
-      modulated_layer_norm(txt, t_shift2, t_scale2, NORM_EPS))
+  img = constrain(img + gated(i_gate1, attn_img), TOKENS)
+  img = img + gated(i_gate2, img_ff(
+      modulated_layer_norm(img, i_shift2, i_scale2, NORM_EPS)))
+  txt = constrain(txt + gated(t_gate1, attn_txt), TOKENS)
+  txt = txt + gated(t_gate2, txt_ff(
+      modulated_layer_norm(txt, t_shift2, t_scale2, NORM_EPS)))
   return constrain(img, TOKENS), constrain(txt, TOKENS)
 
 

@@ -58,7 +58,8 @@ from twinflow_jax.models.dual_stream import (NORM_EPS, TOKENS, VEC,
                                              joint_rope, make_r_embedder,
                                              output_layer, run_blocks,
                                              twin_time)
-from twinflow_jax.models.layers import Dense, Modulation, modulated_layer_norm
+from twinflow_jax.models.layers import (Dense, Modulation, gated,
+                                        modulated_layer_norm)
 from twinflow_jax.models.rope import flux_ids, pack_latents, unpack_latents
 from twinflow_jax.models.sharding import constrain
 
@@ -163,7 +164,7 @@ class FluxSingleTransformerBlock(nnx.Module):
     attn = self.attn.self_attention(h, rope, key_mask)
     out = constrain(self.proj_out(jnp.concatenate([attn, mlp], axis=-1)),
                     TOKENS)
-    return (constrain(x + gate[:, None] * out, TOKENS),)
+    return (constrain(x + gated(gate, out), TOKENS),)
 
 
 class Flux(nnx.Module):

@@ -273,6 +273,39 @@ def _modulated_layer_norm_bwd(eps, res, g):
 modulated_layer_norm.defvjp(_modulated_layer_norm_fwd, _modulated_layer_norm_bwd)
 
 
+@jax.custom_vjp
+def gated(gate: jax.Array, y: jax.Array) -> jax.Array:
+  """gate[:, None, :] * y, the adaLN gate of a block's branch, gate's gradient summed in float32.
+
+  Autodiff sums the gate's gradient over the tokens in the product's dtype; for
+  bfloat16 XLA:CPU emulates that with a windowed reduction that rounds after every
+  addition (3% of the bfloat16 DiT-S/2 forward + backward on 2 cores). Values and
+  float32 gradients are autodiff's.
+
+  Args:
+    gate: [B, D].
+    y: [B, T, D].
+
+  Returns:
+    [B, T, D] in the promoted dtype of gate and y.
+  """
+  return gate[:, None, :] * y
+
+
+def _gated_fwd(gate, y):
+  return gated(gate, y), (gate, y)
+
+
+def _gated_bwd(res, g):
+  gate, y = res
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  dgate = jnp.sum(g.astype(acc) * y.astype(acc), axis=1).astype(gate.dtype)
+  return dgate, (g * gate[:, None, :]).astype(y.dtype)
+
+
+gated.defvjp(_gated_fwd, _gated_bwd)
+
+
 class RMSNorm(nnx.Module):
   """RMS norm with a learnt scale over the last axis (used for q/k norm)."""
 

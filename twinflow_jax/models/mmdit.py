@@ -23,7 +23,7 @@ from twinflow_jax.models.embeddings import (TIME_CONVENTIONS,
                                             TwinTimeEmbedder, patchify,
                                             sincos_2d_pos_embed, unpatchify)
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation,
-                                        QKVProjection, check_text_cond,
+                                        QKVProjection, check_text_cond, gated,
                                         modulated_layer_norm)
 from twinflow_jax.models.sharding import constrain
 
@@ -67,17 +67,17 @@ class MMDiTBlock(nnx.Module):
     q = qi if self.context_pre_only else jnp.concatenate([qi, qt], axis=1)
     o = dot_product_attention(q, k, v, key_mask, impl=self.attention)
     attn_img = constrain(self.img_attn_out(o[:, :ti]), TOKENS)
-    img = constrain(img + i_gate1[:, None] * attn_img, TOKENS)
-    img = img + i_gate2[:, None] * self.img_mlp(
-        modulated_layer_norm(img, i_shift2, i_scale2))
+    img = constrain(img + gated(i_gate1, attn_img), TOKENS)
+    img = img + gated(i_gate2, self.img_mlp(
+        modulated_layer_norm(img, i_shift2, i_scale2)))
     img = constrain(img, TOKENS)
     if self.context_pre_only:
       return img, txt
     _, _, t_gate1, t_shift2, t_scale2, t_gate2 = t_mod
     attn_txt = constrain(self.txt_attn_out(o[:, ti:]), TOKENS)
-    txt = txt + t_gate1[:, None] * attn_txt
-    txt = txt + t_gate2[:, None] * self.txt_mlp(
-        modulated_layer_norm(txt, t_shift2, t_scale2))
+    txt = txt + gated(t_gate1, attn_txt)
+    txt = txt + gated(t_gate2, self.txt_mlp(
+        modulated_layer_norm(txt, t_shift2, t_scale2)))
     return img, constrain(txt, TOKENS)
 
 

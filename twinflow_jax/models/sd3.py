@@ -46,7 +46,7 @@ from twinflow_jax.models.configs import (DTYPES, REMAT_POLICIES, RuntimeOptionsM
 from twinflow_jax.models.diffusers_configs import read_config_json
 from twinflow_jax.models.embeddings import patchify, timestep_embedding, unpatchify
 from twinflow_jax.models.layers import (Dense, FeedForward, Modulation, RMSNorm,
-                                        layer_norm, modulate, modulated_layer_norm,
+                                        gated, layer_norm, modulate, modulated_layer_norm,
                                         normal_002, zeros)
 from twinflow_jax.models.sharding import constrain
 
@@ -361,18 +361,18 @@ class JointTransformerBlock(nnx.Module):
       c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod
       txt_norm = modulate(txt_ln, c_shift_msa, c_scale_msa)
     attn_img, attn_txt = self.attn(img_norm, txt_norm)
-    img = constrain(img + gate_msa[:, None] * attn_img, TOKENS)
+    img = constrain(img + gated(gate_msa, attn_img), TOKENS)
     if self.dual:
       shift_msa2, scale_msa2, gate_msa2 = mod[6:]
       attn2 = self.attn2.self_attention(modulate(img_ln, shift_msa2, scale_msa2))
-      img = constrain(img + gate_msa2[:, None] * attn2, TOKENS)
-    img = img + gate_mlp[:, None] * self.ff(modulated_layer_norm(img, shift_mlp, scale_mlp))
+      img = constrain(img + gated(gate_msa2, attn2), TOKENS)
+    img = img + gated(gate_mlp, self.ff(modulated_layer_norm(img, shift_mlp, scale_mlp)))
     img = constrain(img, TOKENS)
     if self.context_pre_only:
       return img, txt
-    txt = txt + c_gate_msa[:, None] * attn_txt
-    txt = txt + c_gate_mlp[:, None] * self.ff_context(
-        modulated_layer_norm(txt, c_shift_mlp, c_scale_mlp))
+    txt = txt + gated(c_gate_msa, attn_txt)
+    txt = txt + gated(c_gate_mlp, self.ff_context(
+        modulated_layer_norm(txt, c_shift_mlp, c_scale_mlp)))
     return img, constrain(txt, TOKENS)
 
 
