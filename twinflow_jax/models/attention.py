@@ -88,7 +88,8 @@ def _to_bnth(a):   # [B, T, N, H] <-> [B, N, T, H]
 # multiplies straight from [B, T, N, H] (XLA makes its own transposed copies), and the
 # backward reads its [B, N, T, H] operands through `after` (copies XLA cannot fold back)
 # and computes the probabilities transposed, [B, N, S, T], so that every product has
-# the canonical form.
+# the canonical form. (The forward's output is [B, N, T, H] and transposed after: with the
+# output in [B, T, N, H] XLA computes o^T = v^T.p^T, 1.7x slower than p.v here.)
 def _attention_bnth_fwd(q, k, v, key_mask, scale):
   dt = _logits_dtype(q)
   qs = q * jnp.asarray(scale, q.dtype)
@@ -102,12 +103,9 @@ def _attention_bnth_fwd(q, k, v, key_mask, scale):
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - m)
   s = jnp.sum(e, axis=-1, keepdims=True)
-  if narrow:
-    o = jnp.einsum('bnts,bsnh->btnh', e.astype(v.dtype), v, preferred_element_type=dt)
-    o = (o / _to_bnth(s)).astype(v.dtype)
-  else:
-    o = jnp.einsum('bnts,bnsh->bnth', e.astype(v.dtype), v, preferred_element_type=dt)
-    o = _to_bnth((o / s).astype(v.dtype))                 # [B, T, N, H]
+  o = jnp.einsum('bnts,bsnh->bnth' if narrow else 'bnts,bnsh->bnth', e.astype(v.dtype), v,
+                 preferred_element_type=dt)
+  o = _to_bnth((o / s).astype(v.dtype))                   # [B, T, N, H]
   lse = m + jnp.log(s)                                    # [B, N, T, 1]
   return o, (qs, k, v, key_mask, o, lse)   # qs, k, v: [B, T, N, H] if narrow
 
