@@ -67,6 +67,9 @@ def test_gelu_tanh_same_forward_and_gradient():
     np.testing.assert_allclose(jax.grad(f(layers.gelu_tanh))(x64),
                                jax.grad(f(lambda x: jax.nn.gelu(x, approximate=True)))(x64),
                                atol=1e-13)
+  xb = x.astype(jnp.bfloat16)   # computed in float32, rounded once
+  np.testing.assert_array_equal(
+      layers.gelu_tanh(xb), jax.nn.gelu(xb.astype(jnp.float32), approximate=True).astype(xb.dtype))
 
 
 def test_dit_with_einsum_attention_matches_xla():

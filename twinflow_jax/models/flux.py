@@ -58,7 +58,7 @@ from twinflow_jax.models.dual_stream import (NORM_EPS, TOKENS, VEC,
                                              joint_rope, make_r_embedder,
                                              output_layer, run_blocks,
                                              twin_time)
-from twinflow_jax.models.layers import (Dense, Modulation, gated,
+from twinflow_jax.models.layers import (Dense, Modulation, gated, gelu_tanh,
                                         modulated_layer_norm)
 from twinflow_jax.models.rope import flux_ids, pack_latents, unpack_latents
 from twinflow_jax.models.sharding import constrain
@@ -158,7 +158,7 @@ class FluxSingleTransformerBlock(nnx.Module):
     """x [B, T, D], c [B, D] -> ([B, T, D],)."""
     shift, scale, gate = self.norm(c)
     h = modulated_layer_norm(x, shift, scale, NORM_EPS)
-    mlp = jax.nn.gelu(self.proj_mlp(h), approximate=True)
+    mlp = gelu_tanh(self.proj_mlp(h))
     mlp = constrain(mlp, ('activation_batch', 'activation_length',
                           'activation_mlp'))
     attn = self.attn.self_attention(h, rope, key_mask)

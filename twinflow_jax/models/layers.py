@@ -327,13 +327,17 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
   Autodiff of the tanh formula saves several of its intermediates (each the
   size of the MLP's hidden activations) for the backward pass; this version
   saves x and recomputes tanh there, as PyTorch's GELU does. Same forward,
-  the same gradient up to float rounding.
+  the same gradient up to float rounding. Inputs narrower than float32
+  (bfloat16) are computed in float32 and rounded once, as PyTorch's CPU and GPU
+  kernels do: XLA otherwise rounds after each of the formula's nine operations
+  (on 2 CPU cores 8.5 ms for DiT-S/2's [12 x 256, 1536] activations).
   """
-  return jax.nn.gelu(x, approximate=True)
+  return _gelu_tanh_fwd(x)[0]
 
 
 def _gelu_tanh_fwd(x):
-  return jax.nn.gelu(x, approximate=True), x
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return jax.nn.gelu(x32, approximate=True).astype(x.dtype), x
 
 
 def _gelu_tanh_bwd(x, g):
