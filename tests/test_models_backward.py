@@ -117,6 +117,19 @@ def test_gated_matches_autodiff_and_sums_the_gate_gradient_in_float32():
     assert "reduce-window" not in grad.lower(gb, yb).compile().as_text()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_qkv_split_gradient_is_the_stack_of_the_three(dtype):
+  rng = np.random.default_rng(5)
+  qkv = jnp.asarray(rng.standard_normal((2, 5, 3, 2, 4)), dtype)
+  w = [jnp.asarray(rng.standard_normal((2, 5, 2, 4)), dtype) for _ in range(3)]
+  loss = lambda split: lambda x: sum(jnp.sum((a * b).astype(jnp.float32))
+                                     for a, b in zip(split(x), w))
+  ours = jax.jit(jax.grad(loss(layers._unstack_qkv)))
+  slices = lambda x: (x[:, :, 0], x[:, :, 1], x[:, :, 2])
+  np.testing.assert_array_equal(ours(qkv), jax.grad(loss(slices))(qkv))
+  np.testing.assert_array_equal(ours(qkv), jnp.stack(w, axis=2))
+
+
 def _compiled_dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
   """Element type and shape of each product's operands in compiled HLO text."""
   types, out = {}, []

@@ -392,6 +392,28 @@ class Modulation(nnx.Module):
             for m in jnp.split(self.proj(jax.nn.silu(c)), self.n, axis=-1)]
 
 
+@jax.custom_vjp
+def _unstack_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[B, T, 3, N, H] -> q, k, v, each [B, T, N, H]; the gradient is their stack.
+
+  Autodiff's gradient of the three slices is three zero-padded arrays added up, which
+  XLA:CPU computes as written (with a bfloat16 rounding after each addition in the
+  bfloat16 model): 10.7 ms per DiT-S/2 layer at 16 rows on 2 cores.
+  """
+  return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def _unstack_qkv_fwd(qkv):
+  return _unstack_qkv(qkv), None
+
+
+def _unstack_qkv_bwd(_, g):
+  return (jnp.stack(g, axis=2),)
+
+
+_unstack_qkv.defvjp(_unstack_qkv_fwd, _unstack_qkv_bwd)
+
+
 class QKVProjection(nnx.Module):
   """Fused q/k/v projection [B, T, D] -> 3 x [B, T, N, H], optional qk-norm."""
 
@@ -413,7 +435,7 @@ class QKVProjection(nnx.Module):
     qkv = self.proj(x)
     names = ('activation_batch', 'activation_length', 'activation_heads',
              'activation_kv')
-    q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
+    q, k, v = (constrain(a, names) for a in _unstack_qkv(qkv))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     return q, k, v
