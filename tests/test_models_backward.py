@@ -156,9 +156,9 @@ def test_bfloat16_attention_products_stay_bfloat16_after_xla_cpu():
   x, t, y = jnp.ones((2, 8, 8, 3)), jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32)
   loss = lambda p: jnp.sum(apply_fn(p, x, t, t, y).astype(jnp.float32))
   dots = _compiled_dot_operand_types(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
-  attention = [d for d in dots if all(s.count(",") == 3 for s in d)]   # [B, N, ., .]
-  assert len(attention) == 7, dots   # forward 2, backward 5
-  assert all(s.startswith("bf16[") for d in attention for s in d), attention
+  attn_dots = [d for d in dots if all(s.count(",") == 3 for s in d)]   # [B, N, ., .]
+  assert len(attn_dots) == 7, dots   # forward 2, backward 5
+  assert all(s.startswith("bf16[") for d in attn_dots for s in d), attn_dots
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -13,7 +13,9 @@ Implementations:
             the log-sum-exp of each query row and recomputes the probabilities
             (like flash attention): the [B, N, T, S] logits and probabilities
             are never saved for the backward pass (on CPU `backward.after`
-            keeps XLA from merging the recomputation with the forward's).
+            keeps XLA from merging the recomputation with the forward's). In
+            bfloat16 on CPU every product is laid out so that XLA:CPU runs it
+            on the bfloat16 dot instructions (see `_attention_bnth_fwd`).
   'auto'    'einsum' on CPU, `jax.nn.dot_product_attention` with its own
             choice elsewhere (cuDNN where it applies on GPUs, XLA on TPUs).
 All of them compute the same function; 'einsum' matches 'xla' to float32
