@@ -2,7 +2,7 @@
 
 `python tests/hlo_collectives.py CASES_JSON` compiles the shrunk default config (a tiny
 DiT on MNIST) for each case `{"mesh": [data, fsdp, tensor], "row_blocks": G}` (optionally
-`"overrides": {config field: value}`) on 8 simulated CPU devices and prints one JSON line per case with its data-moving collectives
+`"overrides": {config field: value}`, optional `"model": {model field: value}`) on 8 simulated CPU devices and prints one JSON line per case with its data-moving collectives
 (all-gather, all-to-all, collective-permute: op and result shapes). Before each compile
 it writes a `### case <i>` marker to stderr, so that the XLA warnings that follow (C++
 logging to stderr, e.g. "Involuntary full rematerialization") belong to that case.
@@ -64,7 +64,7 @@ def _main(cases):
         "loss.row_blocks": case["row_blocks"], "train.global_batch_size": BATCH,
         "data.image_size": IMAGE_SIDE, "train.compilation_cache_dir": "",
         **case.get("overrides", {})})
-    cfg.model = dict(MODEL)
+    cfg.model = {**MODEL, **case.get("model", {})}
     sys.stderr.write(f"### case {i}\n")
     sys.stderr.flush()
     text = loop.compile_step(loop.build(cfg)).as_text()

@@ -7,10 +7,11 @@ weight gathers and per-row vectors [rows, width] are allowed; tensor-parallel al
 are not counted), and XLA reports no involuntary full rematerialisation. The official
 layout (row_blocks = 1) on the same data-parallel mesh does move image rows, which shows
 that the check can fail. Autoguidance (`train.guide_from`, one more network call with an
-evaluation EMA's weights) is checked on the (2, 2, 2) mesh. How activations are told from weights: `hlo_collectives.py`.
+evaluation EMA's weights) and the bfloat16 model (whose attention takes another layout on
+CPU) are checked on the (2, 2, 2) mesh. How activations are told from weights: `hlo_collectives.py`.
 
-The five compiles run in one subprocess (the warnings are C++ logging on stderr) with
-LLVM's optimisation turned down, which leaves XLA's partitioning untouched; about 40 s of
+The six compiles run in one subprocess (the warnings are C++ logging on stderr) with
+LLVM's optimisation turned down, which leaves XLA's partitioning untouched; about 45 s of
 CPU on 2 cores.
 """
 
@@ -33,6 +34,8 @@ OFFICIAL = ((8, 1, 1), 1)
 # Autoguidance (train.guide_from) adds a network call with the evaluation EMA's weights.
 GUIDED = ((2, 2, 2), 4)
 GUIDE = {"train.eval_ema_decays": (0.999,), "train.guide_from": "0.999"}
+# The bfloat16 model: on CPU its attention takes another layout (models/attention.py).
+BF16 = ((2, 2, 2), 4)
 
 
 def test_activation_shapes_are_told_from_weights():
@@ -53,6 +56,7 @@ def test_activation_shapes_are_told_from_weights():
 def compiled_cases():
   cases = [{"mesh": list(m), "row_blocks": g} for m, g in LOCAL + [OFFICIAL]]
   cases.append({"mesh": list(GUIDED[0]), "row_blocks": GUIDED[1], "overrides": GUIDE})
+  cases.append({"mesh": list(BF16[0]), "row_blocks": BF16[1], "model": {"dtype": "bfloat16"}})
   env = cpu_env.subprocess_env(8)
   out = subprocess.run([sys.executable, str(HERE / "hlo_collectives.py"), json.dumps(cases)],
                        capture_output=True, text=True, env=env, timeout=900)
@@ -62,15 +66,16 @@ def compiled_cases():
   # stderr between "### case i" and the next marker belongs to case i.
   logs = out.stderr.split("### case ")[1:]
   assert len(logs) == len(cases)
-  return {(tuple(r["case"]["mesh"]), r["case"]["row_blocks"], bool(r["case"].get("overrides"))):
+  variant = lambda c: "guided" if c.get("overrides") else "bf16" if c.get("model") else ""
+  return {(tuple(r["case"]["mesh"]), r["case"]["row_blocks"], variant(r["case"])):
           (r["collectives"], log) for r, log in zip(results, logs)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh,row_blocks,guided", [c + (False,) for c in LOCAL] +
-                         [GUIDED + (True,)], ids=lambda v: str(v))
-def test_shard_local_rows_move_no_activations(compiled_cases, mesh, row_blocks, guided):
-  found, log = compiled_cases[(mesh, row_blocks, guided)]
+@pytest.mark.parametrize("mesh,row_blocks,variant", [c + ("",) for c in LOCAL] +
+                         [GUIDED + ("guided",), BF16 + ("bf16",)], ids=lambda v: str(v))
+def test_shard_local_rows_move_no_activations(compiled_cases, mesh, row_blocks, variant):
+  found, log = compiled_cases[(mesh, row_blocks, variant)]
   moving = [(op, s) for op, shapes in found for s in shapes
             if hlo_collectives.moves_activations(tuple(s))]
   assert not moving, moving
@@ -82,6 +87,6 @@ def test_shard_local_rows_move_no_activations(compiled_cases, mesh, row_blocks, 
 
 @pytest.mark.slow
 def test_official_layout_moves_image_rows(compiled_cases):
-  found, _ = compiled_cases[OFFICIAL + (False,)]
+  found, _ = compiled_cases[OFFICIAL + ("",)]
   assert any(hlo_collectives.moves_activations(tuple(s)) for _, shapes in found
              for s in shapes)
