@@ -118,30 +118,34 @@ def _attention_bnth_bwd(scale, res, do):
   # Behind `after`, XLA recomputes the probabilities here instead of merging this
   # product with the forward's and keeping every block's logits alive (backward.py).
   narrow = _narrow_on_cpu(do)
-  if narrow:
+  if narrow:   # the transposes too, as copies XLA cannot fold into the products
     qs, k, v, do_t, o, lse = after(
         do, (_to_bnth(qs), _to_bnth(k), _to_bnth(v), _to_bnth(do), o, lse))
   else:
     qs, k, v, o, lse = after(do, (qs, k, v, o, lse))
     do_t = _to_bnth(do)
   delta = _to_bnth(jnp.sum(do.astype(dt) * o.astype(dt), axis=-1, keepdims=True))
-  do = do_t
-  if narrow:
-    dq, dk, dv = _narrow_cpu_backward(qs, k, v, do, key_mask, lse, delta)
-  else:
-    p = jnp.exp(_apply_key_mask(
-        jnp.einsum('bnth,bnsh->bnts', qs, k, preferred_element_type=dt), key_mask, 3) - lse)
-    dv = jnp.einsum('bnts,bnth->bnsh', p.astype(v.dtype), do, preferred_element_type=dt)
-    dp = jnp.einsum('bnth,bnsh->bnts', do, v, preferred_element_type=dt)
-    ds = (p * (dp - delta)).astype(qs.dtype)               # d loss / d logits
-    dq = jnp.einsum('bnts,bnsh->bnth', ds, k, preferred_element_type=dt)
-    dk = jnp.einsum('bnts,bnth->bnsh', ds, qs, preferred_element_type=dt)
+  products = _narrow_cpu_backward if narrow else _backward_products
+  dq, dk, dv = products(qs, k, v, do_t, key_mask, lse, delta)
   return (_to_bnth((dq * scale).astype(qs.dtype)), _to_bnth(dk.astype(k.dtype)),
           _to_bnth(dv.astype(v.dtype)), None)
 
 
+def _backward_products(qs, k, v, do, key_mask, lse, delta):
+  """dq / scale, dk, dv from [B, N, ., .] operands, the probabilities recomputed."""
+  dt = _logits_dtype(qs)
+  p = jnp.exp(_apply_key_mask(
+      jnp.einsum('bnth,bnsh->bnts', qs, k, preferred_element_type=dt), key_mask, 3) - lse)
+  dv = jnp.einsum('bnts,bnth->bnsh', p.astype(v.dtype), do, preferred_element_type=dt)
+  dp = jnp.einsum('bnth,bnsh->bnts', do, v, preferred_element_type=dt)
+  ds = (p * (dp - delta)).astype(qs.dtype)                 # d loss / d logits
+  dq = jnp.einsum('bnts,bnsh->bnth', ds, k, preferred_element_type=dt)
+  dk = jnp.einsum('bnts,bnth->bnsh', ds, qs, preferred_element_type=dt)
+  return dq, dk, dv
+
+
 def _narrow_cpu_backward(qs, k, v, do, key_mask, lse, delta):
-  """The backward's products in canonical form (see above); all in [B, N, ., .]."""
+  """`_backward_products` with every product in canonical form (see above)."""
   dt = _logits_dtype(qs)
   logits_t = jnp.einsum('bnsh,bnth->bnst', k, qs, preferred_element_type=dt)
   p_t = jnp.exp(_apply_key_mask(logits_t, key_mask, 2) - jnp.swapaxes(lse, 2, 3))

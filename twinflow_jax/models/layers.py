@@ -392,9 +392,14 @@ class Modulation(nnx.Module):
             for m in jnp.split(self.proj(jax.nn.silu(c)), self.n, axis=-1)]
 
 
+def _qkv_slices(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[B, T, 3, N, H] -> q, k, v, each [B, T, N, H]."""
+  return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
 @jax.custom_vjp
 def _unstack_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """[B, T, 3, N, H] -> q, k, v, each [B, T, N, H]; the gradient is their stack.
+  """`_qkv_slices` whose gradient is the stack of the three.
 
   Autodiff's gradient of the three slices is three zero-padded arrays added up, which
   XLA:CPU computes as written in the bfloat16 model, rounding after each addition:
@@ -402,7 +407,7 @@ def _unstack_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   XLA fuses the pads into one pass (2.8 ms) and the stack would cost two (5.1 ms), so
   QKVProjection uses this only for narrower dtypes.
   """
-  return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  return _qkv_slices(qkv)
 
 
 def _unstack_qkv_fwd(qkv):
@@ -438,8 +443,7 @@ class QKVProjection(nnx.Module):
     names = ('activation_batch', 'activation_length', 'activation_heads',
              'activation_kv')
     narrow = jnp.promote_types(qkv.dtype, jnp.float32) != qkv.dtype
-    parts = _unstack_qkv(qkv) if narrow else (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    q, k, v = (constrain(a, names) for a in parts)
+    q, k, v = (constrain(a, names) for a in (_unstack_qkv if narrow else _qkv_slices)(qkv))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     return q, k, v
