@@ -80,16 +80,22 @@ def test_dit_backward_keeps_no_attention_probabilities():
   assert b * heads * t * t * 4 == 16 * unit   # so the probabilities alone would exceed it
 
 
-def test_bfloat16_products_have_float32_results_on_cpu():
-  # XLA:CPU runs bfloat16 products on bfloat16 dot instructions only when their result is
-  # float32: the bfloat16 DiT's forward and backward ask for that in every product.
+def _tiny_bf16_dit_grad():
+  """(jitted gradient of a 1-block bfloat16 DiT's summed output, its parameters)."""
   cfg = dict(name="DiT-S/2", depth=1, hidden_size=32, num_heads=2, input_size=8,
-             in_channels=3, num_classes=5, dtype="bfloat16")
+             in_channels=3, num_classes=5, dtype="bfloat16", attention="einsum")
   graphdef, params, rest = models.split_model(models.create_model(cfg, rngs=nnx.Rngs(0)))
   apply_fn = models.as_apply_fn(graphdef, rest)
   x, t, y = jnp.ones((2, 8, 8, 3)), jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32)
   loss = lambda p: jnp.sum(apply_fn(p, x, t, t, y).astype(jnp.float32))
-  text = jax.jit(jax.grad(loss)).lower(params).as_text()
+  return jax.jit(jax.grad(loss)), params
+
+
+def test_bfloat16_products_have_float32_results_on_cpu():
+  # XLA:CPU runs bfloat16 products on bfloat16 dot instructions only when their result is
+  # float32: the bfloat16 DiT's forward and backward ask for that in every product.
+  grad, params = _tiny_bf16_dit_grad()
+  text = grad.lower(params).as_text()
   dots = [line for line in text.splitlines() if "dot_general" in line]
   assert len(dots) > 20
   assert not [d for d in dots if d.rstrip().endswith("bf16>")], dots
@@ -149,13 +155,8 @@ def test_bfloat16_attention_products_stay_bfloat16_after_xla_cpu():
   # the product in float32 after converting both operands: the bfloat16 DiT's attention
   # backward ran all five of its products so. Every attention product of the compiled
   # forward + backward must read bfloat16 operands.
-  cfg = dict(name="DiT-S/2", depth=1, hidden_size=32, num_heads=2, input_size=8,
-             in_channels=3, num_classes=5, dtype="bfloat16", attention="einsum")
-  graphdef, params, rest = models.split_model(models.create_model(cfg, rngs=nnx.Rngs(0)))
-  apply_fn = models.as_apply_fn(graphdef, rest)
-  x, t, y = jnp.ones((2, 8, 8, 3)), jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32)
-  loss = lambda p: jnp.sum(apply_fn(p, x, t, t, y).astype(jnp.float32))
-  dots = _compiled_dot_operand_types(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
+  grad, params = _tiny_bf16_dit_grad()
+  dots = _compiled_dot_operand_types(grad.lower(params).compile().as_text())
   attn_dots = [d for d in dots if all(s.count(",") == 3 for s in d)]   # [B, N, ., .]
   assert len(attn_dots) == 7, dots   # forward 2, backward 5
   assert all(s.startswith("bf16[") for d in attn_dots for s in d), attn_dots
