@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -86,6 +87,10 @@ def main():
   ap.add_argument("--reps", type=int, default=20, help="timed calls per product (best kept)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
+  dtypes = args.dtype.split(",")
+  for dtype in dtypes:
+    if dtype not in ("float32", "bfloat16"):
+      raise SystemExit(f"--dtype {dtype!r}: give float32, bfloat16 or both, comma-separated")
   cores = _restrict_cores(args.cores)
   if args.backend == "jax":
     import jax  # pylint: disable=g-import-not-at-top
@@ -95,12 +100,9 @@ def main():
     version, run = f"torch {torch.__version__}", _torch_products
   print(f"{version}, Python {platform.python_version()}, {len(cores)} core(s) {cores}")
   rows = []
-  for dtype in args.dtype.split(","):
+  for dtype in dtypes:
     for name, batch, m, k, n, sec in run(dtype, args.reps):
-      pairs = 1
-      for d in batch:
-        pairs *= d
-      gflops = 2.0 * pairs * m * k * n / sec / 1e9
+      gflops = 2.0 * math.prod(batch) * m * k * n / sec / 1e9
       rows.append({"dtype": dtype, "product": name, "batch": list(batch), "m": m, "k": k,
                    "n": n, "ms": sec * 1e3, "gflop_s": gflops})
       print(f"  {dtype:8s} {name:34s} {sec * 1e3:7.2f} ms {gflops:6.0f} GFLOP/s", flush=True)

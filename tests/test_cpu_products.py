@@ -1,6 +1,7 @@
-"""benchmarks/cpu_products.py: one run on one core, and a clear error for too many cores."""
+"""benchmarks/cpu_products.py: one run on one core; clear errors for bad --cores, --dtype."""
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -26,19 +27,19 @@ def test_one_core_run_writes_every_product(tmp_path):
       ["attn", "p.v"]]
   for row in record["rows"]:
     assert row["dtype"] == "float32" and row["ms"] > 0
-    pairs = 1
-    for d in row["batch"]:
-      pairs *= d
-    flops = 2 * pairs * row["m"] * row["k"] * row["n"]
+    flops = 2 * math.prod(row["batch"]) * row["m"] * row["k"] * row["n"]
     assert abs(row["gflop_s"] - flops / (row["ms"] / 1e3) / 1e9) < 1e-6 * row["gflop_s"]
   assert [(r["batch"], r["m"], r["k"], r["n"]) for r in record["rows"]][3:] == [
       ([16, 6], 256, 64, 256), ([16, 6], 256, 256, 64)]
   assert "1 core(s)" in proc.stdout
 
 
-def test_too_many_cores_is_one_clear_line():
+def test_user_mistakes_are_one_clear_line():
   n = len(os.sched_getaffinity(0)) + 1
   proc = _run("--cores", str(n))
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   assert f"--cores {n}: only {n - 1} cores are allowed" in proc.stderr
+  proc = _run("--dtype", "float16")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "--dtype 'float16': give float32, bfloat16" in proc.stderr
