@@ -5,8 +5,9 @@ The TwinFlow step's time is mostly matrix products (73-83% of XLA's operations o
 rate of each kind alone: the MLP and projection products ([4096, 384] x [384, 1536] and
 back) and the attention's batched ones ([16 x 6] pairs of [256, 64] x [64, 256] and
 [256, 256] x [256, 64]), in float32 and in bfloat16 (JAX: a float32 result, as the model
-asks on CPU; PyTorch: its bfloat16 result, accumulated in float32). Run it with each interpreter to compare: a JAX release against another, or JAX
-against PyTorch on the same cores.
+asks on CPU; PyTorch: its bfloat16 result, accumulated in float32). Run it with each
+interpreter to compare: a JAX release against another, or JAX against PyTorch on the same
+cores.
 
   python3 benchmarks/cpu_products.py [--cores 1] [--dtype bfloat16] [--json out.json]
   /path/to/torch-python benchmarks/cpu_products.py --backend torch

@@ -61,8 +61,9 @@ def _apply_key_mask(logits, key_mask, key_axis):
   return jnp.where(key_mask.reshape(shape), logits, jnp.finfo(logits.dtype).min * 0.7)
 
 
-def _narrow_on_cpu(x):
-  """bfloat16 (or narrower) inputs on CPU, where the products are laid out differently."""
+def narrow_on_cpu(x: jax.Array) -> bool:
+  """bfloat16 (or narrower) on CPU, where XLA:CPU needs other product layouts and gradient
+  forms (this module's attention, `layers.QKVProjection`'s q/k/v split)."""
   return x.dtype != _logits_dtype(x) and jax.default_backend() == 'cpu'
 
 
@@ -95,7 +96,7 @@ def _to_bnth(a):   # [B, T, N, H] <-> [B, N, T, H]
 def _attention_bnth_fwd(q, k, v, key_mask, scale):
   dt = _logits_dtype(q)
   qs = q * jnp.asarray(scale, q.dtype)
-  narrow = _narrow_on_cpu(q)
+  narrow = narrow_on_cpu(q)
   if narrow:
     logits = jnp.einsum('btnh,bsnh->bnts', qs, k, preferred_element_type=dt)
   else:
@@ -117,7 +118,7 @@ def _attention_bnth_bwd(scale, res, do):
   dt = _logits_dtype(do)
   # Behind `after`, XLA recomputes the probabilities here instead of merging this
   # product with the forward's and keeping every block's logits alive (backward.py).
-  narrow = _narrow_on_cpu(do)
+  narrow = narrow_on_cpu(do)
   if narrow:   # the transposes too, as copies XLA cannot fold into the products
     qs, k, v, do_t, o, lse = after(
         do, (_to_bnth(qs), _to_bnth(k), _to_bnth(v), _to_bnth(do), o, lse))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from twinflow_jax.models.attention import narrow_on_cpu
 from twinflow_jax.models.backward import after
 from twinflow_jax.models.sharding import constrain
 
@@ -405,7 +406,7 @@ def _unstack_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   XLA:CPU computes as written in the bfloat16 model, rounding after each addition:
   10.7 ms per DiT-S/2 layer at 16 rows on 2 cores, 2.3 ms for the stack. In float32
   XLA fuses the pads into one pass (2.8 ms) and the stack would cost two (5.1 ms), so
-  QKVProjection uses this only for narrower dtypes.
+  QKVProjection uses this only for narrower dtypes on CPU (the same values either way).
   """
   return _qkv_slices(qkv)
 
@@ -442,8 +443,8 @@ class QKVProjection(nnx.Module):
     qkv = self.proj(x)
     names = ('activation_batch', 'activation_length', 'activation_heads',
              'activation_kv')
-    narrow = jnp.promote_types(qkv.dtype, jnp.float32) != qkv.dtype
-    q, k, v = (constrain(a, names) for a in (_unstack_qkv if narrow else _qkv_slices)(qkv))
+    split = _unstack_qkv if narrow_on_cpu(qkv) else _qkv_slices
+    q, k, v = (constrain(a, names) for a in split(qkv))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     return q, k, v
