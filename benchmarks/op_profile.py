@@ -21,7 +21,15 @@ half as fast as it is).
 The events cover the operations XLA's CPU runtime runs itself; time outside them (the
 runtime's own scheduling, idle threads) shows as the gap between the events' span and the
 call's wall time. Independent operations may run at once on the runtime's threads: on 2
-cores the events of DiT-S/2's fm sum to about its wall time, those of the step to 1.3x.
+cores (jax 0.10.2, float32) the events of DiT-S/2's fm sum to about its wall time, those of
+the step to 1.3x.
+
+The call is also timed untraced, just before, so the tracer's own cost shows (small:
+DiT-S/2's bfloat16 fm on jax 0.12, 2.85 s traced against 2.81 s untraced). An event lasts
+as long as its operation took beside whatever ran at the same time, so small operations
+can look slower than they are: the events of that fm sum to 3.32 s, and its [16, 6, 256,
+64] transposes show 3.0 ms per event against 0.5 ms timed alone. Confirm a small
+operation's cost by timing the change (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -128,6 +136,9 @@ def main(argv=None):
   side = vs_official.JaxSide(args)
   side.build(args.what)   # compiled and warmed up
   compiled, run = side.compiled[args.what], side.fns[args.what]
+  t0 = time.perf_counter()
+  jax.block_until_ready(run())
+  plain = time.perf_counter() - t0   # the same call untraced: the tracer's own cost shows
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
     t0 = time.perf_counter()
@@ -143,8 +154,9 @@ def main(argv=None):
           durations[ev.name] += ev.duration_ns
   rows = group_ops(compiled.as_text(), durations)
   total = sum(r[1] for r in rows)
-  print(f"{args.model}, batch {args.batch}, {args.what}: wall {wall:.3f} s, "
-        f"operations {total:.3f} s in {sum(r[2] for r in rows)} events")
+  print(f"{args.model}, batch {args.batch}, {args.what}: wall {wall:.3f} s traced, "
+        f"{plain:.3f} s untraced; operations {total:.3f} s in "
+        f"{sum(r[2] for r in rows)} events")
   print(f"{'s':>7} {'share':>6} {'n':>4} {'GFLOP/s':>8}  operation")
   for sig, sec, n, flops in rows[:args.top]:
     rate = f"{flops / sec / 1e9:8.0f}" if flops and sec else " " * 8
@@ -154,7 +166,8 @@ def main(argv=None):
         f"{total - dots:.3f} s")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"args": vars(args), "wall_s": wall, "ops": rows}, f, indent=1)
+      json.dump({"args": vars(args), "wall_s": wall, "untraced_wall_s": plain, "ops": rows},
+                f, indent=1)
 
 
 if __name__ == "__main__":
